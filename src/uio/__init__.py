@@ -1,0 +1,1 @@
+"""Unified-IO in PyTorch."""

@@ -1,0 +1,182 @@
+"""Read and write Unified-IO checkpoints.
+
+The released ``.bin`` files are ``flax.serialization.to_bytes(params)``: a msgpack map of maps
+whose leaves are msgpack extension objects (type code 1) holding ``(shape, dtype_name, raw)``.
+We walk that structure over a memory map ourselves, so every leaf becomes a zero-copy numpy
+view of the file: loading never holds a second copy of the weights besides the model.
+
+Parameter paths are the flax ones joined by ``/`` (``encoder/layers_0/mlp/wi_0/kernel``).
+:func:`torch_key` maps such a path to the state-dict key of our torch modules, whose names
+mirror flax's (``layers_0`` becomes ``layers.0``; ``kernel``/``scale``/``embedding`` become
+``weight``); :func:`to_torch_layout` transposes dense and conv kernels to torch's layout.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import msgpack
+import numpy as np
+
+NDARRAY_EXT = 1  # flax's msgpack extension code for numpy arrays
+_LAYER_INDEX = re.compile(r"^layers_(\d+)$")
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not match the model."""
+
+
+class _Reader:
+    """Minimal msgpack walker over a buffer: maps, strings, ints, arrays, bin and ext."""
+
+    def __init__(self, buf, name: str):
+        self.buf, self.pos, self.name = buf, 0, name
+
+    def _take(self, n: int) -> int:
+        start = self.pos
+        if start + n > len(self.buf):
+            raise CheckpointError(f"{self.name}: file is truncated (needs byte {start + n}, has {len(self.buf)})")
+        self.pos += n
+        return start
+
+    def _uint(self, n: int) -> int:
+        start = self._take(n)
+        return int.from_bytes(self.buf[start:start + n], "big")
+
+    def header(self) -> tuple[str, int]:
+        """Return (kind, length-or-value) of the next object and advance past its header."""
+        b = self.buf[self._take(1)]
+        if b <= 0x7F:
+            return "int", b
+        if 0x80 <= b <= 0x8F:
+            return "map", b & 0x0F
+        if 0x90 <= b <= 0x9F:
+            return "array", b & 0x0F
+        if 0xA0 <= b <= 0xBF:
+            return "str", b & 0x1F
+        sized = {0xD9: ("str", 1), 0xDA: ("str", 2), 0xDB: ("str", 4), 0xC4: ("bin", 1), 0xC5: ("bin", 2),
+                 0xC6: ("bin", 4), 0xDC: ("array", 2), 0xDD: ("array", 4), 0xDE: ("map", 2), 0xDF: ("map", 4),
+                 0xCC: ("int", 1), 0xCD: ("int", 2), 0xCE: ("int", 4), 0xCF: ("int", 8),
+                 0xC7: ("ext", 1), 0xC8: ("ext", 2), 0xC9: ("ext", 4)}
+        fixext = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+        if b in sized:
+            kind, n = sized[b]
+            return kind, self._uint(n)
+        if b in fixext:
+            return "ext", fixext[b]
+        raise CheckpointError(f"{self.name}: unexpected msgpack byte 0x{b:02x} at offset {self.pos - 1}; "
+                              "not a Unified-IO .bin checkpoint (or it is corrupt)")
+
+    def expect(self, kind: str, where: str) -> int:
+        got, n = self.header()
+        if got != kind:
+            raise CheckpointError(f"{self.name}: expected a {kind} at '{where}', found a {got}")
+        return n
+
+    def string(self, where: str) -> str:
+        n = self.expect("str", where)
+        start = self._take(n)
+        return bytes(self.buf[start:start + n]).decode("utf-8", errors="replace")
+
+    def ndarray(self, path: str) -> np.ndarray:
+        ext_len = self.expect("ext", path)
+        code = self.buf[self._take(1)]
+        end = self.pos + ext_len
+        if code != NDARRAY_EXT:
+            raise CheckpointError(f"{self.name}: leaf '{path}' has msgpack extension type {code}, not an array")
+        if self.expect("array", path) != 3:
+            raise CheckpointError(f"{self.name}: leaf '{path}' is not a (shape, dtype, data) triple")
+        shape = tuple(self.header()[1] for _ in range(self.expect("array", path)))
+        dtype = self.string(path)
+        nbytes = self.expect("bin", path)
+        start = self._take(nbytes)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise CheckpointError(f"{self.name}: leaf '{path}' has unknown dtype {dtype!r}") from None
+        if nbytes != dt.itemsize * int(np.prod(shape, dtype=np.int64)) or self.pos != end:
+            raise CheckpointError(f"{self.name}: leaf '{path}' holds {nbytes} bytes, which does not fit "
+                                  f"shape {shape} of {dtype}")
+        return np.frombuffer(self.buf, dtype=dt, count=int(np.prod(shape)), offset=start).reshape(shape)
+
+    def peek_kind(self) -> str:
+        start = self.pos
+        kind, _ = self.header()
+        self.pos = start
+        return kind
+
+    def leaves(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        for _ in range(self.expect("map", prefix or "<root>")):
+            key = self.string(prefix or "<root>")
+            path = f"{prefix}/{key}" if prefix else key
+            kind = self.peek_kind()
+            if kind == "map":
+                yield from self.leaves(path)
+            elif kind == "ext":
+                yield path, self.ndarray(path)
+            else:
+                raise CheckpointError(f"{self.name}: '{path}' is a msgpack {kind}, expected a map or an array")
+
+
+def read_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a flax ``.bin`` checkpoint into ``{"a/b/kernel": array}`` without copying the data.
+
+    The arrays are read-only views of a memory map of the file; copy them (as loading into a
+    model does) before the returned dict is dropped if they must outlive it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint file is empty")
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    reader = _Reader(buf, str(path))
+    params = dict(reader.leaves())
+    if reader.pos != len(buf):
+        raise CheckpointError(f"{path}: {len(buf) - reader.pos} unexpected bytes after the parameter tree")
+    return params
+
+
+def write_bin(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write ``{"a/b/kernel": array}`` in the released ``.bin`` format (keys sorted, as flax does)."""
+    tree: dict = {}
+    for key, value in params.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = np.ascontiguousarray(value)
+
+    def pack(node):
+        if isinstance(node, dict):
+            return {k: pack(node[k]) for k in sorted(node)}
+        return msgpack.ExtType(NDARRAY_EXT, msgpack.packb((node.shape, node.dtype.name, node.tobytes()),
+                                                          use_bin_type=True))
+
+    tmp = Path(f"{path}.partial")
+    with open(tmp, "wb") as f:
+        f.write(msgpack.packb(pack(tree), use_bin_type=True))
+    os.replace(tmp, path)
+
+
+def torch_key(flax_path: str) -> str:
+    """Map a flax parameter path to the state-dict key of the matching torch module."""
+    *modules, leaf = flax_path.split("/")
+    modules = [_LAYER_INDEX.sub(r"layers.\1", m) for m in modules]
+    return ".".join(modules + [_TORCH_LEAF.get(leaf, leaf)])
+
+
+def to_torch_layout(flax_path: str, array: np.ndarray) -> np.ndarray:
+    """Dense kernels (in, out) -> (out, in); conv kernels HWIO -> OIHW; others unchanged."""
+    if flax_path.endswith("/kernel"):
+        if array.ndim == 2:
+            return array.T
+        if array.ndim == 4:
+            return array.transpose(3, 2, 0, 1)
+    return array
+

@@ -1,0 +1,41 @@
+"""Shared fixtures: the conformance oracle (../shared/conformance, or $UIO_CONFORMANCE)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+CONFORMANCE = Path(os.environ.get("UIO_CONFORMANCE", _DEFAULT))
+
+
+@pytest.fixture(scope="session")
+def conformance() -> Path:
+    """Path of the conformance folder; skips the test where it is absent."""
+    if not (CONFORMANCE / "NOTES.md").is_file():
+        pytest.skip(f"conformance oracle not found at {CONFORMANCE} (set UIO_CONFORMANCE to its path)")
+    return CONFORMANCE
+
+
+@pytest.fixture(scope="session")
+def golden(conformance):
+    """Load ``golden/<name>`` (.npz as a dict of arrays, .json as parsed JSON)."""
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            path = conformance / "golden" / name
+            cache[name] = json.loads(path.read_text()) if name.endswith(".json") else dict(np.load(path))
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def test_image(conformance) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(conformance / "golden" / "test_image.png").convert("RGB"))
