@@ -39,3 +39,14 @@ def test_image(conformance) -> np.ndarray:
     from PIL import Image
 
     return np.array(Image.open(conformance / "golden" / "test_image.png").convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(conformance):
+    """The reference's tiny random checkpoint loaded into our model (fp32, CPU)."""
+    import torch
+
+    from uio.runner import build_model
+
+    torch.manual_seed(0)
+    return build_model(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin")

@@ -15,10 +15,12 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import msgpack
+import torch
 import numpy as np
 
 NDARRAY_EXT = 1  # flax's msgpack extension code for numpy arrays
@@ -171,12 +173,100 @@ def torch_key(flax_path: str) -> str:
     return ".".join(modules + [_TORCH_LEAF.get(leaf, leaf)])
 
 
-def to_torch_layout(flax_path: str, array: np.ndarray) -> np.ndarray:
-    """Dense kernels (in, out) -> (out, in); conv kernels HWIO -> OIHW; others unchanged."""
+def to_torch_layout(flax_path: str, array):
+    """Dense kernels (in, out) -> (out, in); conv kernels HWIO -> OIHW; others unchanged.
+
+    Works on numpy arrays and torch tensors alike and returns a view (no copy).
+    """
     if flax_path.endswith("/kernel"):
         if array.ndim == 2:
             return array.T
         if array.ndim == 4:
-            return array.transpose(3, 2, 0, 1)
+            return array.permute(3, 2, 0, 1) if isinstance(array, torch.Tensor) else array.transpose(3, 2, 0, 1)
     return array
 
+
+def flax_path(torch_name: str, leaf_kind: str) -> str:
+    """Inverse of :func:`torch_key` given the flax leaf name (``kernel``, ``scale``, ...)."""
+    *modules, leaf = torch_name.split(".")
+    path = re.sub(r"(^|/)layers/(\d+)(?=/|$)", r"\1layers_\2", "/".join(modules))
+    return f"{path}/{leaf_kind if leaf == 'weight' else leaf}"
+
+
+def expected_params(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The flax paths, shapes and dtypes a checkpoint for ``model`` must hold (works on ``meta``)."""
+    spec = {}
+    for module_name, module in model.named_modules():
+        kind = {torch.nn.Linear: "kernel", torch.nn.Conv2d: "kernel", torch.nn.Embedding: "embedding"}.get(
+            type(module), "scale")
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            shape = tuple(param.shape)
+            if kind == "kernel" and name == "weight":
+                shape = shape[::-1] if len(shape) == 2 else (shape[2], shape[3], shape[1], shape[0])
+            spec[flax_path(full, kind)] = (shape, "float32")
+    return spec
+
+
+def _shape_and_dtype(leaf) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a numpy array, a torch tensor, or an already-made pair."""
+    if isinstance(leaf, torch.Tensor):
+        return tuple(leaf.shape), str(leaf.dtype).removeprefix("torch.")
+    if isinstance(leaf, np.ndarray):
+        return leaf.shape, leaf.dtype.name
+    return tuple(leaf[0]), leaf[1]
+
+
+def validate(params: Mapping[str, np.ndarray] | Mapping[str, tuple], expected: Mapping[str, tuple], name: str) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, extra, misshaped or mistyped leaf."""
+    for path in sorted(set(expected) | set(params)):
+        if path not in params:
+            raise CheckpointError(f"{name}: missing parameter '{path}' (expected shape {expected[path][0]})")
+        if path not in expected:
+            raise CheckpointError(f"{name}: unexpected parameter '{path}'; is this a checkpoint for another "
+                                  "model size or config?")
+        shape, dtype = _shape_and_dtype(params[path])
+        if tuple(shape) != expected[path][0]:
+            raise CheckpointError(f"{name}: parameter '{path}' has shape {tuple(shape)}, expected "
+                                  f"{expected[path][0]}; is this a checkpoint for another model size?")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise CheckpointError(f"{name}: parameter '{path}' has dtype {dtype}, expected a float type")
+
+
+def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: str,
+              dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Validate ``params`` against ``model`` (which may live on ``meta``) and assign them to it.
+
+    Each leaf is converted one at a time (layout, dtype, device), so peak memory stays at about
+    one copy of the weights beyond what ``params`` itself holds (nothing for a memory map).
+    """
+    validate(params, expected_params(model), name)
+    state = {}
+    with warnings.catch_warnings():
+        # The memory-mapped leaves are read-only; they are copied right away, never written.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for path, leaf in params.items():
+            tensor = leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(leaf)
+            tensor = to_torch_layout(path, tensor).contiguous()
+            state[torch_key(path)] = tensor.to(device=device, dtype=dtype or torch.float32, copy=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a converted checkpoint (flax paths as keys, original layout), memory-mapped."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Mapping[str, np.ndarray | torch.Tensor]:
+    """Read a ``.bin`` (flax msgpack) or ``.safetensors`` checkpoint into flat flax paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return read_safetensors(path) if path.suffix == ".safetensors" else read_bin(path)

@@ -1,0 +1,186 @@
+"""Generation with the reference's semantics: beam search, top-p sampling, answer-option scoring.
+
+The output sequence has ``text_length`` text steps then ``image_length`` image steps. Step 0's
+input is BOS (0); at step ``text_length`` the input becomes ``vocab_size - 1`` whatever was
+generated before; image ids are ``vocab_size + code``. EOS never ends a sequence (the reference's
+end marker is 10,000,000, a token that never occurs): every sequence runs to full length and its
+score sums every step's log-probability. Results come back worst-first, as the reference returns them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model.transformer import DecoderCache, EncoderOutput, UnifiedIO, decode_step  # noqa: F401
+
+BOS, EOS = 0, 1
+BEAM_NEG_INF = -1.0e7  # the reference's NEG_INF for dead beams and filtered logits
+
+
+@dataclass
+class Generation:
+    """Decoded sequences ``tokens`` (B, K, T+I) in full-vocabulary ids, and ``scores`` (B, K)."""
+
+    tokens: Tensor
+    scores: Tensor
+
+
+class _Decoder:
+    """Feeds one step at a time, applying the reference's input and key-mask rules."""
+
+    def __init__(self, model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int):
+        self.model, self.text_length = model, text_length
+        self.cache = DecoderCache(model, enc, text_length, image_length)
+        self.start_token = model.cfg.vocab_size - 1
+
+    def logits(self, sequences: Tensor, step: int) -> tuple[Tensor, int]:
+        """Log-probabilities for the next token of each row of ``sequences`` (N, length+1) at ``step``.
+
+        Returns (logits over the allowed vocabulary part, the id offset of that part).
+        """
+        tokens = sequences[:, step]
+        if step == self.text_length:
+            tokens = torch.full_like(tokens, self.start_token)
+        if step < self.text_length:
+            valid = ~(sequences[:, :step + 1] == EOS).any(dim=1)
+        else:
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+        offset = self.model.cfg.vocab_size if step >= self.text_length else 0
+        return decode_step(self.model, self.cache, tokens, step, valid), offset
+
+
+@torch.inference_mode()
+def beam_search(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int,
+                num_beams: int = 1) -> Generation:
+    """Beam search with no length penalty; returns all beams, lowest score first."""
+    batch = enc.hidden.shape[0]
+    length = text_length + image_length
+    decoder = _Decoder(model, enc.repeat(num_beams), text_length, image_length)
+    device = enc.hidden.device
+    sequences = torch.zeros(batch * num_beams, length + 1, dtype=torch.long, device=device)
+    beam_scores = torch.full((batch, num_beams), BEAM_NEG_INF, device=device)
+    beam_scores[:, 0] = 0.0
+    row_base = (torch.arange(batch, device=device) * num_beams)[:, None]
+    for step in range(length):
+        logits, offset = decoder.logits(sequences, step)
+        log_probs = F.log_softmax(logits, dim=-1).view(batch, num_beams, -1) + beam_scores[..., None]
+        vocab = log_probs.shape[-1]
+        top_scores, top_index = log_probs.view(batch, -1).topk(num_beams, dim=1)
+        # Worst-first within each example, as the reference keeps its live beams.
+        beam_scores, top_index = top_scores.flip(1), top_index.flip(1)
+        rows = (row_base + torch.div(top_index, vocab, rounding_mode="floor")).view(-1)
+        sequences = sequences.index_select(0, rows)
+        sequences[:, step + 1] = (top_index % vocab).view(-1) + offset
+        decoder.cache.reorder(rows)
+    return Generation(sequences[:, 1:].view(batch, num_beams, length), beam_scores)
+
+
+def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of highest logits whose probabilities sum to at least ``top_p``."""
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    cutoff_index = (cumulative < top_p).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    cutoff = sorted_logits.gather(-1, cutoff_index)
+    return logits.masked_fill(logits < cutoff, BEAM_NEG_INF)
+
+
+@torch.inference_mode()
+def sample(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int, num_samples: int = 1,
+           top_p: float = 0.9, temperature: float = 1.0, generator: torch.Generator | None = None) -> Generation:
+    """Top-p sampling; returns ``num_samples`` per example sorted by increasing log-probability."""
+    batch = enc.hidden.shape[0]
+    length = text_length + image_length
+    decoder = _Decoder(model, enc.repeat(num_samples), text_length, image_length)
+    device = enc.hidden.device
+    sequences = torch.zeros(batch * num_samples, length + 1, dtype=torch.long, device=device)
+    scores = torch.zeros(batch * num_samples, device=device)
+    for step in range(length):
+        logits, offset = decoder.logits(sequences, step)
+        if top_p:
+            logits = _top_p_filter(logits, top_p)
+        probs = torch.softmax(logits / (temperature + 1e-7), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        scores += F.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0]
+        sequences[:, step + 1] = token + offset
+    scores = scores.view(batch, num_samples)
+    order = scores.argsort(dim=1)
+    tokens = sequences[:, 1:].view(batch, num_samples, length).gather(1, order[..., None].expand(-1, -1, length))
+    return Generation(tokens, scores.gather(1, order))
+
+
+def _option_losses(model: UnifiedIO, enc: EncoderOutput, text_inputs: Tensor, text_targets: Tensor,
+                   text_mask: Tensor, image_inputs: Tensor, image_targets: Tensor, image_mask: Tensor,
+                   average: bool) -> Tensor:
+    """Summed (or averaged) cross-entropy of the targets under teacher forcing, per row."""
+    logits = model.decode(enc, text_inputs, image_inputs, text_mask, image_mask)
+    t = text_inputs.shape[1]
+    if image_targets is None:
+        logits, targets, mask = logits[:, :t], text_targets, text_mask
+    else:
+        logits, targets, mask = logits[:, t:], image_targets + model.cfg.vocab_size, image_mask
+    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
+    mask = mask.float()
+    loss = (nll * mask).sum(dim=1)
+    return loss / mask.sum(dim=1) if average else loss
+
+
+def _text_option_batch(options: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Decoder inputs/targets/mask for tokenized options (N, W) that already end in EOS.
+
+    As in the reference, the target gets one more EOS after the tokenizer's, so the loss covers
+    ``[..., </s>, </s>]``.
+    """
+    n = options.shape[0]
+    zero = options.new_zeros(n, 1)
+    inputs = torch.cat([zero, options], dim=1)
+    mask = torch.cat([torch.ones_like(zero, dtype=torch.bool), options > 0], dim=1)
+    targets = torch.cat([options, zero], dim=1)
+    targets = targets + (mask & (targets == 0)).long()
+    return inputs, targets, mask
+
+
+@torch.inference_mode()
+def score_text_options(model: UnifiedIO, enc: EncoderOutput, options: Tensor, max_options: int = 800,
+                       average_loss: bool = False) -> Tensor:
+    """Loss (B, n_options) of each tokenized option (n_options, W) for each example; lower is better."""
+    losses = []
+    batch = enc.hidden.shape[0]
+    for chunk in options.split(max_options):
+        inputs, targets, mask = _text_option_batch(chunk)
+        n = chunk.shape[0]
+        tile = lambda x: x.repeat(batch, 1)  # noqa: E731 - example-major, like repeat_interleave of enc
+        image = torch.zeros(batch * n, 1, dtype=torch.long, device=chunk.device)
+        losses.append(_option_losses(model, enc.repeat(n), tile(inputs), tile(targets), tile(mask), image, None,
+                                     image, average_loss).view(batch, n))
+    return torch.cat(losses, dim=1)
+
+
+@torch.inference_mode()
+def score_image_options(model: UnifiedIO, enc: EncoderOutput, option_codes: Tensor, option_masks: Tensor,
+                        max_options: int = 800, average_loss: bool = False) -> Tensor:
+    """Loss (B, n_options) of each option's VQGAN codes (n_options, 256) under ``option_masks``.
+
+    Reproduces the reference: the image decoder inputs are the raw codes (without the
+    ``vocab_size`` offset that generation uses) after the start token ``vocab_size - 1``.
+    """
+    losses = []
+    batch = enc.hidden.shape[0]
+    start = model.cfg.vocab_size - 1
+    for codes, masks in zip(option_codes.split(max_options), option_masks.split(max_options)):
+        n = codes.shape[0]
+        inputs = torch.cat([torch.full_like(codes[:, :1], start), codes[:, :-1]], dim=1).repeat(batch, 1)
+        ones = torch.ones(batch * n, 1, dtype=torch.long, device=codes.device)
+        losses.append(_option_losses(model, enc.repeat(n), ones * 0, ones, ones, inputs, codes.repeat(batch, 1),
+                                     masks.repeat(batch, 1), average_loss).view(batch, n))
+    return torch.cat(losses, dim=1)
+
+
+def enable_compile(model: UnifiedIO) -> None:
+    """Compile the encoder and decoder layers with ``torch.compile`` (dynamic shapes: prompts and
+    the growing self-attention cache change length from call to call and step to step)."""
+    model.encoder.compile(dynamic=True)
+    for layer in model.decoder.layers:
+        layer.compile(dynamic=True)

@@ -1,0 +1,429 @@
+"""The Unified-IO encoder-decoder transformer (T5-style, with image patches in and image tokens out).
+
+Module and parameter names mirror the released checkpoints (see ``uio.checkpoint.torch_key``).
+Numerics follow the reference exactly where outputs depend on them: attention logits are not
+scaled by 1/sqrt(head_dim); masks are an additive -1e10 (a fully masked row attends uniformly);
+norms are T5 RMS norms computed in float32; the MLP is gated GELU (tanh approximation).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import UnifiedIOConfig
+
+MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
+TEXT_BUCKETS, TEXT_MAX_DISTANCE = 32, 128
+IMAGE_BUCKETS, IMAGE_MAX_DISTANCE = 8, 20
+DECODER_IMAGE_WIDTH = 16  # the decoder's 256 image tokens form a 16x16 grid
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale * x / rms(x), no mean subtraction and no bias, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+class MlpBlock(nn.Module):
+    """Gated-GELU feed-forward: wo(gelu(wi_0 x) * wi_1 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.wi_0 = nn.Linear(dim, hidden, bias=False)
+        self.wi_1 = nn.Linear(dim, hidden, bias=False)
+        self.wo = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention without logit scaling; ``bias`` is added to the logits."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.query = nn.Linear(dim, inner, bias=False)
+        self.key = nn.Linear(dim, inner, bias=False)
+        self.value = nn.Linear(dim, inner, bias=False)
+        self.out = nn.Linear(inner, dim, bias=False)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, L, H*D) -> (B, H, L, D)."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.key(x)), self.split_heads(self.value(x))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """q (B,H,Lq,D), k/v (B,H,Lk,D), bias broadcastable to (B,H,Lq,Lk) -> (B, Lq, dim)."""
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
+        return self.out(x.transpose(1, 2).flatten(2))
+
+    def forward(self, x: Tensor, kv: Tensor, bias: Tensor) -> Tensor:
+        k, v = self.project_kv(kv)
+        return self.attend(self.split_heads(self.query(x)), k, v, bias)
+
+
+def mask_bias(query_valid: Tensor, key_valid: Tensor) -> Tensor:
+    """Additive mask (B, 1, Lq, Lk): 0 where both positions are valid, -1e10 elsewhere."""
+    valid = query_valid[:, None, :, None].bool() & key_valid[:, None, None, :].bool()
+    return torch.where(valid, 0.0, MASK_VALUE)
+
+
+def _log_bucket(n: Tensor, max_exact: int, num_buckets: int, max_distance: int) -> Tensor:
+    """Logarithmic bucket for distances >= max_exact, in float32 as the reference computes it."""
+    eps = torch.finfo(torch.float32).eps
+    scaled = torch.log(n.float() / max_exact + eps) / math.log(max_distance / max_exact)
+    large = max_exact + (scaled * (num_buckets - max_exact)).to(torch.int64)
+    return torch.where(n < max_exact, n, large.clamp(max=num_buckets - 1))
+
+
+def text_relative_bucket(relative_position: Tensor, bidirectional: bool,
+                         num_buckets: int = TEXT_BUCKETS, max_distance: int = TEXT_MAX_DISTANCE) -> Tensor:
+    """T5's bucket of ``memory_position - query_position``."""
+    n = -relative_position
+    offset = torch.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        offset = (n < 0).long() * num_buckets
+        n = n.abs()
+    else:
+        n = n.clamp(min=0)
+    return offset + _log_bucket(n, num_buckets // 2, num_buckets, max_distance)
+
+
+def image_relative_bucket(rel_x: Tensor, rel_y: Tensor, num_buckets: int = IMAGE_BUCKETS,
+                          max_distance: int = IMAGE_MAX_DISTANCE) -> Tensor:
+    """The reference's 2-D bucket: a quadrant times (log-bucketed |dx|, |dy|)."""
+    nx, ny = -rel_x, -rel_y
+    total = num_buckets ** 2
+    quadrant = (((nx <= 0) & (ny < 0)).long() * 3 + ((nx < 0) & (ny >= 0)).long() * 2
+                + ((nx > 0) & (ny <= 0)).long())
+    max_exact = num_buckets // 2
+    xx = _log_bucket(nx.abs(), max_exact, num_buckets, max_distance)
+    yy = _log_bucket(ny.abs(), max_exact, num_buckets, max_distance)
+    return quadrant * total + xx + num_buckets * yy
+
+
+class RelativePositionBiases(nn.Module):
+    """Per-head relative biases: 1-D T5 buckets among text, 2-D buckets among image, 0 across."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.rel_embedding = nn.Parameter(torch.zeros(num_heads, TEXT_BUCKETS))
+        self.image_rel_embedding = nn.Parameter(torch.zeros(num_heads, 4 * IMAGE_BUCKETS ** 2))
+
+    def forward(self, text_positions: Tensor, image_positions: Tensor, image_width: int,
+                bidirectional: bool) -> Tensor:
+        """Positions are 1-D; returns (H, Lt+Li, Lt+Li)."""
+        text_bucket = text_relative_bucket(text_positions[None, :] - text_positions[:, None], bidirectional)
+        x, y = image_positions % image_width, image_positions // image_width
+        image_bucket = image_relative_bucket(x[None, :] - x[:, None], y[None, :] - y[:, None])
+        lt, li = len(text_positions), len(image_positions)
+        bias = self.rel_embedding.new_zeros(self.rel_embedding.shape[0], lt + li, lt + li)
+        bias[:, :lt, :lt] = self.rel_embedding[:, text_bucket]
+        bias[:, lt:, lt:] = self.image_rel_embedding[:, image_bucket]
+        return bias
+
+
+def absolute_position_bias(pos_emb: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, num_heads: int,
+                           emb_dim: int, queries: slice = slice(None)) -> Tensor:
+    """(L, D) normed position embeddings -> (H, Lq, L) bias, scaled by (emb_dim/num_heads)^-0.5."""
+    q = q_proj(pos_emb[queries]).unflatten(-1, (num_heads, -1)).transpose(0, 1)
+    k = k_proj(pos_emb).unflatten(-1, (num_heads, -1)).transpose(0, 1)
+    return (q @ k.transpose(1, 2)) * float(emb_dim / num_heads) ** -0.5
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: UnifiedIOConfig):
+        super().__init__()
+        self.pre_attention_layer_norm = RMSNorm(cfg.emb_dim)
+        self.attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.head_dim)
+        self.pre_mlp_layer_norm = RMSNorm(cfg.emb_dim)
+        self.mlp = MlpBlock(cfg.emb_dim, cfg.mlp_dim)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        h = self.pre_attention_layer_norm(x)
+        x = x + self.attention(h, h, bias)
+        return x + self.mlp(self.pre_mlp_layer_norm(x))
+
+
+@dataclass
+class EncoderOutput:
+    """What the decoder needs from the encoder: states, key validity, and position embeddings."""
+
+    hidden: Tensor  # (B, S, D) after the final norm
+    mask: Tensor  # (B, S) int32, 1 for valid positions
+    position_embedding: Tensor  # (1, S, D) normed position embeddings (the reference's 2nd output)
+
+    def repeat(self, n: int) -> "EncoderOutput":
+        """Repeat every example ``n`` times (beams / answer options), example-major."""
+        if n == 1:
+            return self
+        return EncoderOutput(self.hidden.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0),
+                             self.position_embedding)
+
+
+class Encoder(nn.Module):
+    """Embeds text tokens and image patches, then runs the bidirectional transformer."""
+
+    def __init__(self, cfg: UnifiedIOConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.emb_dim
+        self.position_embedding = nn.Embedding(cfg.encoder_max_text_length + cfg.encoder_max_image_length, d)
+        self.segment_embedding = nn.Embedding(cfg.num_seg_emb, d)
+        self.image_projection = nn.Linear(cfg.image_patch_size ** 2 * 3, d, bias=False)
+        self.txt_emb_pre_ln = RMSNorm(d)
+        self.img_emb_pre_ln = RMSNorm(d)
+        self.pe_pre_ln = RMSNorm(d)
+        self.position_q_linear = nn.Linear(d, cfg.num_heads * cfg.head_dim, bias=False)
+        self.position_k_linear = nn.Linear(d, cfg.num_heads * cfg.head_dim, bias=False)
+        self.relpos_bias = RelativePositionBiases(cfg.num_heads)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
+        self.encoder_norm = RMSNorm(d)
+
+    def patchify(self, images: Tensor) -> Tensor:
+        """(B, H, W, 3) -> (B, H/p * W/p, p*p*3), patch vectors ordered (row, col, channel)."""
+        p = self.cfg.image_patch_size
+        b, h, w, c = images.shape
+        x = images.reshape(b, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def image_position_embedding(self, num_patches: int, grid_width: int) -> Tensor:
+        """(num_patches, D); the 24x24 table is bicubic-resized for other square grids."""
+        cfg = self.cfg
+        table = self.position_embedding.weight[cfg.encoder_max_text_length:]
+        if num_patches == cfg.encoder_max_image_length:
+            return table
+        side = math.isqrt(cfg.encoder_max_image_length)
+        grid = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(num_patches // grid_width, grid_width), mode="bicubic",
+                             antialias=True, align_corners=False).to(table.dtype)
+        return grid.permute(0, 2, 3, 1).reshape(num_patches, -1)
+
+    def forward(self, tokens: Tensor, token_embedder: nn.Embedding, images: Tensor, text_mask: Tensor,
+                image_mask: Tensor) -> EncoderOutput:
+        """tokens (B, T) int; images (B, H, W, 3) normalized; masks (B, T) / (B, N) -> EncoderOutput."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        patches = self.patchify(images)
+        n = patches.shape[1]
+        grid_width = images.shape[2] // cfg.image_patch_size
+        text_pos = self.position_embedding.weight[:t]
+        image_pos = self.image_position_embedding(n, grid_width)
+
+        seg = self.segment_embedding.weight
+        txt = token_embedder(tokens) + seg[0] + text_pos
+        img = self.image_projection(patches) + seg[1] + image_pos
+        x = torch.cat([self.txt_emb_pre_ln(txt), self.img_emb_pre_ln(img)], dim=1)
+
+        pos = self.pe_pre_ln(torch.cat([text_pos, image_pos], dim=0))
+        bias = absolute_position_bias(pos, self.position_q_linear, self.position_k_linear, cfg.num_heads,
+                                      cfg.emb_dim)
+        device = tokens.device
+        bias = bias + self.relpos_bias(torch.arange(t, device=device), torch.arange(n, device=device),
+                                       grid_width, bidirectional=True)
+        mask = torch.cat([text_mask.int(), image_mask.int()], dim=1)
+        bias = mask_bias(mask, mask) + bias[None]
+        for layer in self.layers:
+            x = layer(x, bias)
+        return EncoderOutput(self.encoder_norm(x), mask, pos[None])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: UnifiedIOConfig):
+        super().__init__()
+        self.pre_self_attention_layer_norm = RMSNorm(cfg.emb_dim)
+        self.self_attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.head_dim)
+        self.pre_cross_attention_layer_norm = RMSNorm(cfg.emb_dim)
+        self.encoder_decoder_attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.head_dim)
+        self.pre_mlp_layer_norm = RMSNorm(cfg.emb_dim)
+        self.mlp = MlpBlock(cfg.emb_dim, cfg.mlp_dim)
+
+    def forward(self, x: Tensor, self_kv: Callable[[Attention, Tensor], tuple[Tensor, Tensor]], self_bias: Tensor,
+                cross_kv: tuple[Tensor, Tensor], cross_bias: Tensor) -> Tensor:
+        """``self_kv(attention, normed_x)`` returns the self-attention keys/values to attend over
+        (the whole sequence when teacher forcing, the cache including this step when decoding)."""
+        h = self.pre_self_attention_layer_norm(x)
+        attn = self.self_attention
+        x = x + attn.attend(attn.split_heads(attn.query(h)), *self_kv(attn, h), self_bias)
+        h = self.pre_cross_attention_layer_norm(x)
+        cross = self.encoder_decoder_attention
+        x = x + cross.attend(cross.split_heads(cross.query(h)), *cross_kv, cross_bias)
+        return x + self.mlp(self.pre_mlp_layer_norm(x))
+
+
+class Decoder(nn.Module):
+    """Causal decoder over text positions 0..T-1 followed by image positions 0..I-1."""
+
+    def __init__(self, cfg: UnifiedIOConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, inner = cfg.emb_dim, cfg.num_heads * cfg.head_dim
+        self.position_embedding = nn.Embedding(cfg.decoder_max_text_length + cfg.decoder_max_image_length, d)
+        self.segments_embedding = nn.Embedding(cfg.num_seg_emb, d)
+        self.pre_ln = RMSNorm(d)
+        self.pe_pre_ln = RMSNorm(d)
+        self.self_position_q_linear = nn.Linear(d, inner, bias=False)
+        self.self_position_k_linear = nn.Linear(d, inner, bias=False)
+        # Present in the checkpoints but never used by the reference (cross-attention gets no bias).
+        self.cross_position_q_linear = nn.Linear(d, inner, bias=False)
+        self.cross_position_k_linear = nn.Linear(d, inner, bias=False)
+        self.relpos_bias = RelativePositionBiases(cfg.num_heads)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
+        self.decoder_norm = RMSNorm(d)
+
+    def position_ids(self, text_length: int, image_length: int, device) -> Tensor:
+        """Rows of the position table: text 0..T-1, image max_text_length + 0..I-1."""
+        return torch.cat([torch.arange(text_length, device=device),
+                          self.cfg.decoder_max_text_length + torch.arange(image_length, device=device)])
+
+    def self_bias(self, text_length: int, image_length: int, device) -> Tensor:
+        """(H, L, L) relative + absolute position bias for the whole output sequence."""
+        cfg = self.cfg
+        pos = self.pe_pre_ln(self.position_embedding(self.position_ids(text_length, image_length, device)))
+        bias = absolute_position_bias(pos, self.self_position_q_linear, self.self_position_k_linear,
+                                      cfg.num_heads, cfg.emb_dim)
+        return bias + self.relpos_bias(torch.arange(text_length, device=device),
+                                       torch.arange(image_length, device=device), DECODER_IMAGE_WIDTH,
+                                       bidirectional=False)
+
+    def embed(self, tokens: Tensor, token_embedder: nn.Embedding, positions: Tensor, segments: Tensor) -> Tensor:
+        """tokens (B, L); positions (L,) rows of the position table; segments (L,) 0 text / 1 image."""
+        y = token_embedder(tokens) + self.position_embedding(positions) + self.segments_embedding(segments)
+        return self.pre_ln(y)
+
+    def cross_kv(self, encoded: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Project the encoder states once per call for every layer's cross-attention."""
+        return [layer.encoder_decoder_attention.project_kv(encoded) for layer in self.layers]
+
+    def run_layers(self, y: Tensor, self_kv_fn: Callable[[int, Attention, Tensor], tuple[Tensor, Tensor]],
+                   self_bias: Tensor, cross_kv: list, cross_bias: Tensor) -> Tensor:
+        """Run every layer and the final norm; ``self_kv_fn(i, attention, h)`` gives layer i's K/V."""
+        for i, layer in enumerate(self.layers):
+            y = layer(y, functools.partial(self_kv_fn, i), self_bias, cross_kv[i], cross_bias)
+        return self.decoder_norm(y)
+
+
+def logits_from_hidden(hidden: Tensor, token_embedder: nn.Embedding, rows: slice | None = None) -> Tensor:
+    """Shared-embedding output layer (divided by sqrt(emb_dim)), optionally for a row range only."""
+    table = token_embedder.weight if rows is None else token_embedder.weight[rows]
+    return (hidden @ table.t()).float() / math.sqrt(hidden.shape[-1])
+
+
+class UnifiedIO(nn.Module):
+    """The whole network: shared token embedding, encoder, decoder and the VQGAN."""
+
+    def __init__(self, cfg: UnifiedIOConfig, vae_cfg):
+        super().__init__()
+        from .vqgan import VQGAN
+
+        self.cfg = cfg
+        self.token_embedder = nn.Embedding(cfg.vocab_size + cfg.image_vocab_size, cfg.emb_dim)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.discrete_vae = VQGAN(vae_cfg)
+
+    def encode(self, tokens: Tensor, images: Tensor, text_mask: Tensor | None = None,
+               image_mask: Tensor | None = None) -> EncoderOutput:
+        """Encode a batch: tokens (B, T), images (B, H, W, 3) normalized, masks default to all valid."""
+        if text_mask is None:
+            text_mask = tokens > 0
+        if image_mask is None:
+            p = self.cfg.image_patch_size
+            image_mask = torch.ones(images.shape[0], (images.shape[1] // p) * (images.shape[2] // p),
+                                    dtype=torch.int32, device=images.device)
+        return self.encoder(tokens, self.token_embedder, images, text_mask, image_mask)
+
+    def decode(self, enc: EncoderOutput, text_inputs: Tensor, image_inputs: Tensor, text_mask: Tensor,
+               image_mask: Tensor) -> Tensor:
+        """Teacher-forced decoder pass over whole sequences -> masked logits (B, T+I, vocab), float32."""
+        cfg, dec = self.cfg, self.decoder
+        t, i = text_inputs.shape[1], image_inputs.shape[1]
+        device = text_inputs.device
+        tokens = torch.cat([text_inputs, image_inputs], dim=1)
+        segments = torch.cat([torch.zeros(t, dtype=torch.long, device=device),
+                              torch.ones(i, dtype=torch.long, device=device)])
+        y = dec.embed(tokens, self.token_embedder, dec.position_ids(t, i, device), segments)
+        valid = torch.cat([text_mask.int(), image_mask.int()], dim=1)
+        causal = torch.ones(t + i, t + i, dtype=torch.bool, device=device).tril()
+        self_bias = torch.where(causal, mask_bias(valid, valid), MASK_VALUE) + dec.self_bias(t, i, device)[None]
+        cross_bias = mask_bias(valid, enc.mask)
+        hidden = dec.run_layers(y, lambda _, attn, h: attn.project_kv(h), self_bias, dec.cross_kv(enc.hidden),
+                                cross_bias)
+        logits = logits_from_hidden(hidden, self.token_embedder)
+        is_image_step = torch.arange(t + i, device=device)[:, None] >= t
+        is_image_id = torch.arange(logits.shape[-1], device=device)[None, :] >= cfg.vocab_size
+        return logits.masked_fill(is_image_step != is_image_id, MASK_VALUE)
+
+
+class DecoderCache:
+    """Preallocated state for incremental decoding of ``N`` sequences of ``T`` text + ``I`` image steps.
+
+    Holds each layer's self-attention keys/values, the cross-attention keys/values projected once,
+    the position-bias table for the whole output, and which cached keys are still attendable
+    (the reference masks a sequence's keys from the step whose input follows an EOS onwards).
+    """
+
+    def __init__(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int):
+        cfg, dec = model.cfg, model.decoder
+        n, device, dtype = enc.hidden.shape[0], enc.hidden.device, enc.hidden.dtype
+        self.text_length, self.length = text_length, text_length + image_length
+        shape = (n, cfg.num_heads, self.length, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
+        self.key_valid = torch.zeros(n, self.length, dtype=torch.bool, device=device)
+        self.cross_kv = dec.cross_kv(enc.hidden)
+        self.cross_bias = mask_bias(torch.ones_like(enc.mask[:, :1]), enc.mask)
+        self.self_bias = dec.self_bias(text_length, image_length, device)
+        self.positions = dec.position_ids(text_length, image_length, device)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (beam search); cross-attention state is shared by an example's beams."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.key_valid = self.key_valid.index_select(0, index)
+
+
+def decode_step(model: "UnifiedIO", cache: DecoderCache, tokens: Tensor, step: int, valid: Tensor) -> Tensor:
+    """Run one decoder step for ``tokens`` (N,) at output position ``step``.
+
+    ``valid`` (N,) says whether this step's key stays attendable. Returns float32 logits over
+    the vocabulary part allowed at this step (text ids before ``text_length``, image ids from
+    it on, offset by ``vocab_size``): the other part is masked to -1e10 by the reference anyway.
+    """
+    dec, cfg = model.decoder, model.cfg
+    is_image = step >= cache.text_length
+    segment = torch.full((1,), int(is_image), dtype=torch.long, device=tokens.device)
+    y = dec.embed(tokens[:, None], model.token_embedder, cache.positions[step:step + 1], segment)
+    cache.key_valid[:, step] = valid
+    keys_valid = cache.key_valid[:, :step + 1]
+    bias = torch.where(keys_valid[:, None, None, :], 0.0, MASK_VALUE) + cache.self_bias[None, :, step:step + 1,
+                                                                                        :step + 1]
+
+    def self_kv(i: int, attn: Attention, h: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = attn.project_kv(h)
+        cache.keys[i][:, :, step:step + 1] = k
+        cache.values[i][:, :, step:step + 1] = v
+        return cache.keys[i][:, :, :step + 1], cache.values[i][:, :, :step + 1]
+
+    hidden = dec.run_layers(y, self_kv, bias, cache.cross_kv, cache.cross_bias)[:, 0]
+    rows = slice(cfg.vocab_size, None) if is_image else slice(0, cfg.vocab_size)
+    return logits_from_hidden(hidden, model.token_embedder, rows)

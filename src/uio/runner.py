@@ -1,0 +1,326 @@
+"""The public API: :class:`ModelRunner`, compatible with the original ``uio.runner.ModelRunner``.
+
+>>> from uio import runner
+>>> model = runner.ModelRunner("small", "small.bin")
+>>> model.vqa(image, "What color is the sofa?")["text"]
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import generate, processing
+from .checkpoint import load_checkpoint_file, load_into
+from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
+from .model.transformer import UnifiedIO
+from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
+    CAPTIONING_PROMPT, DEPTH_PROMPT, GEN_SEGMENTATION_COLOR_NAMES, GEN_SEGMENTATION_COLORS, IMAGE_GENERATION,
+    IMAGE_INPAINTING, IMAGE_TAGGING, OBJECT_SEGMENTATION, POSE_ESTIMATION, REFEXP_PROMPT, REGION_CAPTION,
+    REGION_CLASSIFICATION, SEGMENTATION_BASED_GENERATION, SURFACE_NORMAL_PROMPT, TASKS, Task, build_prompt,
+    postprocess, region_text, segmentation_input)
+from .tokenizer import T5Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_OUTPUT_TEXT_LEN = 128
+IMAGE_OUTPUT_LENGTH = 256
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype; None means fp32) -> torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def default_device() -> str:
+    """CUDA when available, else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> UnifiedIO:
+    """Build the network for ``size`` (a size name or config JSON) and load ``param_file`` into it.
+
+    The VQGAN stays in float32: it runs once per image and its output quality suffers in half
+    precision more than its speed gains.
+    """
+    config, vae_config = load_config(size)
+    with torch.device("meta"):
+        model = UnifiedIO(config, vae_config)
+    load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
+    model.discrete_vae.float()
+    return model.eval().requires_grad_(False)
+
+
+class ModelRunner:
+    """High-level API: run Unified-IO on images and prompts, or on any of its tasks.
+
+    :param size: ``small``, ``base``, ``large``, ``xl``, or the path of a config JSON
+    :param param_file: the released ``.bin`` checkpoint (or a converted ``.safetensors``)
+    :param pad_input_to_max: pad prompts to ``max_input_len`` (defaults to ``compiled``)
+    :param max_input_len: prompts are truncated to this many tokens (64 by default, up to 256)
+    :param max_options: answer options scored per forward pass
+    :param compiled: use ``torch.compile`` for the decoder step
+    :param log_inputs: log each prompt
+    :param tokenizer: path of a ``spiece.model`` (or its folder); default: the t5-base vocabulary
+    :param device: ``"cpu"``, ``"cuda"``...; default: CUDA when available
+    :param dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` for the transformer
+    :param seed: seed of the sampler used by image tasks (sampling is deterministic per call)
+    """
+
+    def __init__(self, size: str | os.PathLike, param_file: str | os.PathLike, pad_input_to_max: bool | None = None,
+                 max_input_len: int = 64, max_options: int = 800, compiled: bool = False, log_inputs: bool = True,
+                 *, tokenizer: str | os.PathLike | T5Tokenizer | None = None, device: str | None = None,
+                 dtype: str | torch.dtype | None = None, seed: int = 0):
+        self.max_input_len = max_input_len
+        self.pad_to_max = compiled if pad_input_to_max is None else pad_input_to_max
+        self.max_options = max_options
+        self.compiled = compiled
+        self.log_inputs = log_inputs
+        self.seed = seed
+        self.device = torch.device(device or default_device())
+        self.dtype = resolve_dtype(dtype)
+        self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
+            tokenizer, model_max_length=256)
+        self.model = build_model(size, param_file, self.device, self.dtype)
+        if compiled:
+            generate.enable_compile(self.model)
+
+    # ---- the low-level API -------------------------------------------------------------------
+
+    def run(self, input_images: Sequence[np.ndarray | None], input_texts: Sequence[str], output_text_len: int = 128,
+            generate_image: bool = False, beam_search: bool | None = None, num_decodes: int | None = None,
+            answer_options: Sequence[str] | Sequence[np.ndarray] | None = None,
+            mask_regions: Sequence[Sequence[float] | None] | None = None, average_loss: bool = False) -> dict:
+        """Run the model on a batch of images (HxWx3 uint8/float arrays, or None) and prompts.
+
+        Returns a dict with ``text_tokens``, ``text``, ``image_tokens``, ``image``, ``score`` (and
+        ``all_scores`` with answer options), shaped as the original runner returns them: a
+        ``num_decodes`` axis after the batch axis, dropped from ``text``/``image`` when
+        ``num_decodes`` is None. ``answer_options`` restricts the output to one of the given
+        strings (or images), scored by loss (lower is better).
+        """
+        self._check_run_args(input_images, input_texts, output_text_len, num_decodes, answer_options, mask_regions)
+        if beam_search is None:
+            beam_search = not generate_image
+        if self.log_inputs:
+            log.info("Running model text_inputs=%s", list(input_texts))
+        enc = self._encode(input_images, input_texts, mask_regions)
+        if answer_options:
+            out = self._answer_options(enc, answer_options, average_loss)
+        else:
+            out = self._generate(enc, output_text_len, generate_image, beam_search, num_decodes or 1)
+        return self._format(out, output_text_len, generate_image, num_decodes)
+
+    @staticmethod
+    def _check_run_args(images, texts, output_text_len, num_decodes, answer_options, mask_regions) -> None:
+        if answer_options is not None and num_decodes is not None:
+            raise ValueError("num_decodes cannot be combined with answer_options")
+        if not 1 <= output_text_len <= MAX_OUTPUT_TEXT_LEN:
+            raise ValueError(f"output_text_len must be between 1 and {MAX_OUTPUT_TEXT_LEN}, got {output_text_len}")
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images but {len(texts)} texts")
+        if len(texts) == 0:
+            raise ValueError("run() needs at least one input")
+        if num_decodes is not None and num_decodes < 1:
+            raise ValueError(f"num_decodes must be at least 1, got {num_decodes}")
+        if mask_regions is not None and len(mask_regions) != len(images):
+            raise ValueError(f"got {len(mask_regions)} mask regions for {len(images)} images")
+        for image in images:
+            if image is not None and (np.ndim(image) != 3 or np.shape(image)[-1] != 3):
+                raise ValueError(f"images must be HxWx3 arrays (or None), got shape {np.shape(image)}")
+
+    def _encode(self, images, texts, mask_regions) -> generate.EncoderOutput:
+        tokens = self.tokenizer(list(texts), max_length=self.max_input_len, truncation=True,
+                                padding="max_length" if self.pad_to_max else "longest")
+        prepared = [processing.preprocess_image(image, None if mask_regions is None else mask_regions[i])
+                    for i, image in enumerate(images)]
+        pixels = torch.from_numpy(np.stack([p[0] for p in prepared]).astype(np.float32))
+        masks = torch.from_numpy(np.stack([p[1] for p in prepared]))
+        with torch.inference_mode():
+            return self.model.encode(torch.from_numpy(tokens).long().to(self.device),
+                                     pixels.to(self.device, self.dtype), None, masks.to(self.device))
+
+    def _generate(self, enc, text_length: int, generate_image: bool, beam_search: bool, num_decodes: int) -> dict:
+        image_length = IMAGE_OUTPUT_LENGTH if generate_image else 1
+        if beam_search:
+            result = generate.beam_search(self.model, enc, text_length, image_length, num_decodes)
+        else:
+            rng = torch.Generator(device=self.device).manual_seed(self.seed)
+            result = generate.sample(self.model, enc, text_length, image_length, num_decodes, generator=rng)
+        out = {"text_tokens": result.tokens, "scores": result.scores}
+        if generate_image:
+            codes = result.tokens[..., -IMAGE_OUTPUT_LENGTH:] - self.model.cfg.vocab_size
+            out["text_tokens"] = result.tokens[..., :-IMAGE_OUTPUT_LENGTH]
+            out["image_tokens"] = codes
+            out["image"] = self._decode_images(codes)
+        return out
+
+    def _decode_images(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQGAN codes (..., 256) -> images (..., 256, 256, 3) in [0, 1]."""
+        with torch.inference_mode():
+            images = self.model.discrete_vae.decode_codes(codes.reshape(-1, codes.shape[-1]))
+        return ((images.float() + 1) / 2).clamp(0, 1).reshape(*codes.shape[:-1], *images.shape[1:])
+
+    def _answer_options(self, enc, answer_options, average_loss: bool) -> dict:
+        if isinstance(answer_options[0], str):
+            options = self.tokenizer(list(answer_options), max_length=self.max_input_len, truncation=True,
+                                     padding="longest")
+            options = torch.from_numpy(options).long().to(self.device)
+            losses = generate.score_text_options(self.model, enc, options, self.max_options, average_loss)
+            best = losses.argmin(dim=1)
+            return {"text_tokens": options[best][:, None], "scores": losses.gather(1, best[:, None]),
+                    "all_scores": losses[:, None]}
+        if isinstance(answer_options[0], np.ndarray):
+            prepared = [processing.preprocess_target_image(option) for option in answer_options]
+            images = torch.from_numpy(np.stack([p[0] for p in prepared]).astype(np.float32)).to(self.device)
+            masks = torch.from_numpy(np.stack([p[1] for p in prepared])).long().to(self.device)
+            with torch.inference_mode():
+                codes = self.model.discrete_vae.encode_to_codes(images)
+            losses = generate.score_image_options(self.model, enc, codes, masks, self.max_options, average_loss)
+            best = losses.argmin(dim=1)
+            return {"image": ((images[best] + 1) / 2).clamp(0, 1)[:, None], "scores": losses.gather(1, best[:, None]),
+                    "all_scores": losses[:, None]}
+        raise ValueError("answer_options must be a list of strings or a list of HxWx3 image arrays")
+
+    def _format(self, out: dict, output_text_len: int, generate_image: bool, num_decodes: int | None) -> dict:
+        """Shape the outputs as the original runner does (numpy arrays, text cut at the first EOS)."""
+        as_numpy = {k: v.cpu().numpy() for k, v in out.items()}
+        text_tokens = as_numpy.get("text_tokens")
+        text = None
+        if output_text_len > 1 and text_tokens is not None:
+            text = [[self._decode_text(row) for row in example] for example in text_tokens]
+        image = as_numpy.get("image") if generate_image else None
+        if num_decodes is None:
+            text = None if text is None else [beams[0] for beams in text]
+            image = None if image is None else image[:, 0]
+        result = {"text_tokens": None if text_tokens is None else text_tokens.astype(np.int32), "text": text,
+                  "image_tokens": as_numpy["image_tokens"].astype(np.int32) if "image_tokens" in as_numpy else None,
+                  "image": image, "score": as_numpy["scores"]}
+        if "all_scores" in as_numpy:
+            result["all_scores"] = as_numpy["all_scores"]
+        return result
+
+    def _decode_text(self, row: np.ndarray) -> str:
+        eos = np.flatnonzero(row == generate.EOS)
+        return self.tokenizer.decode(row[:eos[0]] if len(eos) else row, skip_special_tokens=False)
+
+    # ---- tasks ---------------------------------------------------------------------------------
+
+    def _task(self, name: str, image: np.ndarray | None, text: str | None = None, *, num_decodes: int | None = None,
+              beam_search: bool | None = None, answer_options=None, mask_region=None,
+              original: np.ndarray | None = None) -> dict:
+        """Run task ``name`` on one image; ``original`` is the image outputs refer to (default ``image``)."""
+        task: Task = TASKS[name]
+        if beam_search is None:
+            beam_search = task.beam_search
+        out = self.run([image], [build_prompt(task, text)], output_text_len=task.output_text_len,
+                       generate_image=task.generate_image, beam_search=beam_search, num_decodes=num_decodes,
+                       answer_options=answer_options, mask_regions=None if mask_region is None else [mask_region])
+        return postprocess(task, out, image if original is None else original, self.tokenizer,
+                           many=num_decodes is not None)
+
+    @staticmethod
+    def _require_image(image: Any, task: str) -> np.ndarray:
+        if image is None or np.ndim(image) != 3 or np.shape(image)[-1] != 3:
+            raise ValueError(f"{task} needs an HxWx3 image array, got {None if image is None else np.shape(image)}")
+        return np.asarray(image)
+
+    def caption(self, image: np.ndarray, num_decodes: int | None = None, beam_search: bool | None = None) -> dict:
+        """Caption ``image``: ``{"text", "score"}``."""
+        return self._task("caption", self._require_image(image, "caption"), num_decodes=num_decodes,
+                          beam_search=beam_search)
+
+    def vqa(self, image: np.ndarray, question: str, num_decodes: int | None = None,
+            beam_search: bool | None = None) -> dict:
+        """Answer ``question`` about ``image`` (lowercased, as trained): ``{"text", "score"}``."""
+        return self._task("vqa", self._require_image(image, "vqa"), question, num_decodes=num_decodes,
+                          beam_search=beam_search)
+
+    def depth(self, image: np.ndarray, num_decodes: int | None = None, beam_search: bool | None = None) -> dict:
+        """Depth map of ``image``: ``{"image" (256x256x3), "rescaled_image" (image's size), "score"}``."""
+        return self._task("depth", self._require_image(image, "depth"), num_decodes=num_decodes,
+                          beam_search=beam_search)
+
+    def surface_normal(self, image: np.ndarray, num_decodes: int | None = None,
+                       beam_search: bool | None = None) -> dict:
+        """RGB surface normals of ``image``: ``{"image", "rescaled_image", "score"}``."""
+        return self._task("surface_normal", self._require_image(image, "surface_normal"), num_decodes=num_decodes,
+                          beam_search=beam_search)
+
+    def image_generation(self, description: str, num_decodes: int | None = None,
+                         beam_search: bool | None = None) -> dict:
+        """Generate a 256x256 image of ``description``: ``{"image", "score"}``."""
+        return self._task("image_generation", None, description, num_decodes=num_decodes, beam_search=beam_search)
+
+    def image_inpainting(self, image: np.ndarray, location: Sequence[float], replace_with: str,
+                         num_decodes: int | None = None, beam_search: bool | None = None) -> dict:
+        """Repaint box ``location`` ([x1, y1, x2, y2] pixels) of ``image`` with ``replace_with``."""
+        image = self._require_image(image, "image_inpainting")
+        return self._task("image_inpainting", image, region_text(location, image, replace_with),
+                          num_decodes=num_decodes, beam_search=beam_search, mask_region=np.asarray(location))
+
+    def object_segmentation(self, image: np.ndarray, object_name: str, num_decodes: int | None = None,
+                            beam_search: bool | None = None) -> dict:
+        """Instance masks of ``object_name``: ``{"mask" (list of 256x256 bool), "image", "score"}``."""
+        return self._task("object_segmentation", self._require_image(image, "object_segmentation"), object_name,
+                          num_decodes=num_decodes, beam_search=beam_search)
+
+    def refexp(self, image: np.ndarray, expression: str, num_decodes: int | None = None,
+               beam_search: bool | None = None) -> dict:
+        """Boxes for the referring ``expression``: ``{"boxes", "labels", "text", "score", "text_tokens"}``."""
+        return self._task("refexp", self._require_image(image, "refexp"), expression, num_decodes=num_decodes,
+                          beam_search=beam_search)
+
+    def object_localization(self, image: np.ndarray, object_name: str, num_decodes: int | None = None,
+                            beam_search: bool | None = None) -> dict:
+        """Boxes of every ``object_name`` (same prompt as :meth:`refexp`)."""
+        return self._task("object_localization", self._require_image(image, "object_localization"), object_name,
+                          num_decodes=num_decodes, beam_search=beam_search)
+
+    def region_caption(self, image: np.ndarray, location: Sequence[float], num_decodes: int | None = None,
+                       beam_search: bool | None = None) -> dict:
+        """Caption the box ``location``: ``{"text", "score"}``."""
+        image = self._require_image(image, "region_caption")
+        return self._task("region_caption", image, region_text(location, image), num_decodes=num_decodes,
+                          beam_search=beam_search)
+
+    def region_classification(self, image: np.ndarray, location: Sequence[float], num_decodes: int | None = None,
+                              answer_options: Sequence[str] | None = None, beam_search: bool | None = None) -> dict:
+        """Class of the object in box ``location``, one of ``answer_options`` if given."""
+        image = self._require_image(image, "region_classification")
+        return self._task("region_classification", image, region_text(location, image), num_decodes=num_decodes,
+                          beam_search=beam_search, answer_options=answer_options)
+
+    def image_classification(self, image: np.ndarray, num_decodes: int | None = None,
+                             answer_options: Sequence[str] | None = None, beam_search: bool | None = None) -> dict:
+        """Class of ``image``, one of ``answer_options`` if given: ``{"text", "score"}``."""
+        return self._task("image_classification", self._require_image(image, "image_classification"),
+                          num_decodes=num_decodes, beam_search=beam_search, answer_options=answer_options)
+
+    def pose(self, image: np.ndarray, location: Sequence[float], num_decodes: int | None = None,
+             beam_search: bool | None = None) -> dict:
+        """Human joints in box ``location``: ``{"points", "labels", "invalid", "score", "text_tokens"}``.
+
+        Samples by default, as the original does; ``beam_search=True`` makes it deterministic.
+        """
+        image = self._require_image(image, "pose")
+        return self._task("pose", image, region_text(location, image), num_decodes=num_decodes,
+                          beam_search=beam_search)
+
+    def segmentation_based_generation(self, binary_masks: Sequence[np.ndarray], labels: Sequence[str],
+                                      num_decodes: int | None = None, beam_search: bool | None = None) -> dict:
+        """Generate an image whose pixels in ``binary_masks[i]`` show ``labels[i]``: ``{"image", "score"}``."""
+        image, text = segmentation_input(binary_masks, labels)
+        return self._task("segmentation_based_generation", image, text, num_decodes=num_decodes,
+                          beam_search=beam_search)

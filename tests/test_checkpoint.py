@@ -1,0 +1,140 @@
+"""Reading, validating and writing checkpoints; every released size's tree is accepted."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from uio import checkpoint
+from uio.checkpoint import CheckpointError
+from uio.config import CONFIGS, VAE_CONFIG, load_config
+from uio.model.transformer import UnifiedIO
+
+
+def meta_model(config, vae_config) -> UnifiedIO:
+    with torch.device("meta"):
+        return UnifiedIO(config, vae_config)
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large", "xl"])
+def test_manifest_tree_matches_model(conformance, size):
+    """Our model, built from our own config for ``size`` without allocating, expects exactly the
+    manifest's paths, shapes and dtypes, and the manifest's config equals ours."""
+    manifest = json.loads((conformance / "manifests" / f"{size}.json").read_text())
+    config, vae_config = load_config(conformance / "manifests" / f"{size}.json")
+    assert config == CONFIGS[size] and vae_config == VAE_CONFIG
+    expected = checkpoint.expected_params(meta_model(config, vae_config))
+    tree = {p["path"]: (tuple(p["shape"]), p["dtype"]) for p in manifest["params"]}
+    assert expected == tree
+    checkpoint.validate(tree, expected, f"{size}.json")
+    assert sum(int(np.prod(s)) for s, _ in tree.values()) == manifest["total_params"]
+
+
+@pytest.fixture()
+def tiny_params(conformance):
+    return checkpoint.read_bin(conformance / "tiny" / "tiny.bin")
+
+
+@pytest.fixture()
+def tiny_spec(conformance):
+    return checkpoint.expected_params(meta_model(*load_config(conformance / "tiny" / "config.json")))
+
+
+def test_tiny_reads_and_round_trips(conformance, tiny_params, tiny_spec, tmp_path):
+    checkpoint.validate(tiny_params, tiny_spec, "tiny.bin")
+    assert len(tiny_params) == 308
+    out = tmp_path / "copy.bin"
+    checkpoint.write_bin(tiny_params, out)
+    assert out.read_bytes() == (conformance / "tiny" / "tiny.bin").read_bytes()
+
+
+def test_leaves_are_views_of_the_file(tiny_params):
+    leaf = tiny_params["token_embedder/embedding"]
+    assert not leaf.flags.owndata and not leaf.flags.writeable
+
+
+@pytest.mark.parametrize("cut", [1, 1000, 5_000_000, -1])
+def test_truncated_file_is_rejected(conformance, tmp_path, cut):
+    data = (conformance / "tiny" / "tiny.bin").read_bytes()
+    bad = tmp_path / "truncated.bin"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match="truncated.bin"):
+        checkpoint.read_bin(bad)
+
+
+def test_garbage_and_empty_files_are_rejected(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"<html>not found</html>")
+    with pytest.raises(CheckpointError, match="junk.bin"):
+        checkpoint.read_bin(junk)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        checkpoint.read_bin(empty)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        checkpoint.read_bin(tmp_path / "missing.bin")
+
+
+def test_trailing_bytes_are_rejected(conformance, tmp_path):
+    bad = tmp_path / "trailing.bin"
+    shutil.copy(conformance / "tiny" / "tiny.bin", bad)
+    with open(bad, "ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(CheckpointError, match="unexpected bytes"):
+        checkpoint.read_bin(bad)
+
+
+def test_missing_extra_and_misshaped_leaves_are_named(tiny_params, tiny_spec):
+    params = dict(tiny_params)
+    del params["encoder/layers_1/mlp/wo/kernel"]
+    with pytest.raises(CheckpointError, match="missing parameter 'encoder/layers_1/mlp/wo/kernel'"):
+        checkpoint.validate(params, tiny_spec, "x.bin")
+    params = dict(tiny_params, **{"encoder/extra/kernel": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match="unexpected parameter 'encoder/extra/kernel'"):
+        checkpoint.validate(params, tiny_spec, "x.bin")
+    params = dict(tiny_params, **{"decoder/pre_ln/scale": np.zeros(65, np.float32)})
+    with pytest.raises(CheckpointError, match=r"'decoder/pre_ln/scale' has shape \(65,\), expected \(64,\)"):
+        checkpoint.validate(params, tiny_spec, "x.bin")
+    params = dict(tiny_params, **{"decoder/pre_ln/scale": np.zeros(64, np.int32)})
+    with pytest.raises(CheckpointError, match="dtype int32"):
+        checkpoint.validate(params, tiny_spec, "x.bin")
+
+
+def test_wrong_size_checkpoint_names_the_first_bad_path(conformance, tmp_path):
+    from uio.runner import build_model
+
+    with pytest.raises(CheckpointError, match=r"tiny.bin: parameter 'decoder/cross_position_k_linear/kernel' "
+                                              r"has shape \(64, 96\), expected \(512, 384\)"):
+        build_model("small", conformance / "tiny" / "tiny.bin")
+
+
+def test_torch_key_mapping_round_trips(tiny_spec):
+    for path, (shape, _) in tiny_spec.items():
+        leaf = path.rsplit("/", 1)[1]
+        assert checkpoint.flax_path(checkpoint.torch_key(path), leaf) == path
+
+
+def test_loaded_weights_equal_the_file(tiny_model, tiny_params):
+    state = tiny_model.state_dict()
+    for path, array in tiny_params.items():
+        expected = torch.from_numpy(np.array(checkpoint.to_torch_layout(path, array)))
+        assert torch.equal(state[checkpoint.torch_key(path)], expected), path
+
+
+def test_safetensors_checkpoint_loads_the_same(tiny_model, tiny_params, tmp_path, conformance):
+    from safetensors.torch import save_file
+
+    from uio.runner import build_model
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: torch.from_numpy(np.array(v)) for k, v in tiny_params.items()}, str(path))
+    model = build_model(conformance / "tiny" / "config.json", path)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10" * 64)
+    with pytest.raises(CheckpointError, match="corrupt.safetensors"):
+        build_model(conformance / "tiny" / "config.json", corrupt)

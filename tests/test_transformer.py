@@ -1,0 +1,75 @@
+"""The transformer against the reference's outputs on the tiny random checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uio.model.transformer import MASK_VALUE, image_relative_bucket, text_relative_bucket
+
+
+def t(array) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(array))
+
+
+def assert_close(actual, expected, rtol=1e-4, atol=1e-4):
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float32), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_text_buckets(golden, bidirectional):
+    g = golden("position_buckets.npz")
+    key = "text_bucket_bidirectional" if bidirectional else "text_bucket_causal"
+    got = text_relative_bucket(t(g["text_relative_position"]).long(), bidirectional)
+    np.testing.assert_array_equal(got.numpy(), g[key])
+
+
+def test_image_buckets(golden):
+    g = golden("position_buckets.npz")
+    got = image_relative_bucket(t(g["image_relative_x"]).long(), t(g["image_relative_y"]).long())
+    np.testing.assert_array_equal(got.numpy(), g["image_bucket"])
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model, golden):
+    g = golden("encoder.npz")
+    with torch.inference_mode():
+        return tiny_model.encode(t(g["text_encoder_inputs"]).long(), t(g["image_encoder_inputs"]), None,
+                                 t(g["image_input_masks"]))
+
+
+def test_encoder(encoded, golden):
+    g = golden("encoder.npz")
+    assert_close(encoded.hidden, g["encoded"])
+    assert_close(encoded.position_embedding.expand(2, -1, -1), g["position_embedding"])
+    np.testing.assert_array_equal(encoded.mask.numpy(), g["encoder_masks"])
+
+
+def test_encoder_other_image_size(tiny_model, golden):
+    """A 256x256 image (256 patches): the position table is bicubic-resized as the reference does."""
+    g = golden("encoder.npz")
+    with torch.inference_mode():
+        enc = tiny_model.encode(t(g["opt256/text_encoder_inputs"]).long(), t(g["opt256/image_encoder_inputs"]))
+    assert_close(enc.position_embedding, g["opt256/position_embedding"])
+    assert_close(enc.hidden, g["opt256/encoded"])
+    np.testing.assert_array_equal(enc.mask.numpy(), g["opt256/encoder_masks"])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_teacher_forced_decode(tiny_model, encoded, golden, masked):
+    d = golden("decode.npz")
+    prefix = "masked/" if masked else ""
+    image_mask = t(d["masked/image_decoder_masks"]) if masked else torch.ones(2, 256)
+    with torch.inference_mode():
+        logits = tiny_model.decode(encoded, t(d["text_decoder_inputs"]).long(), t(d["image_decoder_inputs"]).long(),
+                                   t(d["text_decoder_targets"]) > 0, image_mask)
+    steps = d["text_decoder_inputs"].shape[1]
+    image_logits = logits[:, steps:]
+    assert_close(image_logits[..., d["vocab_subset"]], d[prefix + "image_logits_subset"])
+    assert_close(torch.logsumexp(image_logits, -1), d[prefix + "image_logits_logsumexp"])
+    np.testing.assert_array_equal(image_logits.argmax(-1).numpy(), d[prefix + "image_logits_argmax"])
+    if not masked:
+        assert_close(logits[:, :steps], d["text_logits"])
+        assert_close(image_logits[:, 0], d["image_logits_pos0_full"])
+        assert_close(image_logits[:, -1], d["image_logits_pos255_full"])
+        assert (logits[:, :steps, 33152:] == MASK_VALUE).all() and (image_logits[..., :33152] == MASK_VALUE).all()
