@@ -152,7 +152,7 @@ def write_bin(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None
         *parents, leaf = key.split("/")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = np.ascontiguousarray(value)
+        node[leaf] = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
 
     def pack(node):
         if isinstance(node, dict):
@@ -270,3 +270,44 @@ def load_checkpoint_file(path: str | os.PathLike) -> Mapping[str, np.ndarray | t
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     return read_safetensors(path) if path.suffix == ".safetensors" else read_bin(path)
+
+
+def write_safetensors(params: Mapping[str, np.ndarray | torch.Tensor], path: str | os.PathLike,
+                      dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a checkpoint as safetensors (flax paths as keys, original layout), optionally cast.
+
+    Leaves are converted one at a time and written atomically (``path.partial`` then renamed).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, leaf in params.items():
+        tensor = leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(np.array(leaf))
+        tensors[key] = tensor.to(dtype) if dtype is not None else tensor.contiguous()
+    tmp = Path(f"{path}.partial")
+    save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in a safetensors file (empty for a ``.bin``)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def infer_size(params: Mapping[str, np.ndarray | torch.Tensor]) -> str | None:
+    """The released size (``small``...``xl``) whose parameter tree ``params`` has, or None."""
+    from .config import CONFIGS, VAE_CONFIG
+    from .model.transformer import UnifiedIO
+
+    shapes = {path: _shape_and_dtype(leaf)[0] for path, leaf in params.items()}
+    for size, config in CONFIGS.items():
+        with torch.device("meta"):
+            spec = expected_params(UnifiedIO(config, VAE_CONFIG))
+        if shapes == {path: shape for path, (shape, _) in spec.items()}:
+            return size
+    return None

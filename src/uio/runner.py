@@ -96,6 +96,19 @@ class ModelRunner:
         if compiled:
             generate.enable_compile(self.model)
 
+    @classmethod
+    def from_pretrained(cls, size: str = "small", *, weights: str | os.PathLike | None = None,
+                        download: bool = True, **kwargs: Any) -> "ModelRunner":
+        """Load a released model by size, downloading its checkpoint into the cache on first use.
+
+        A converted ``{size}.safetensors`` in the cache is preferred over the ``.bin``. ``weights``
+        overrides the file; other arguments are those of :class:`ModelRunner`.
+        """
+        from . import hub
+
+        path = Path(weights) if weights is not None else hub.checkpoint_path(size, download=download)
+        return cls(size, path, **kwargs)
+
     # ---- the low-level API -------------------------------------------------------------------
 
     def run(self, input_images: Sequence[np.ndarray | None], input_texts: Sequence[str], output_text_len: int = 128,

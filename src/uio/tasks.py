@@ -5,12 +5,15 @@ filled with its text argument; region arguments become four location tokens firs
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import processing
+
+log = logging.getLogger(__name__)
 
 CAPTIONING_PROMPT = "What does the image describe ?"
 DEPTH_PROMPT = "What is the depth map of the image ?"
@@ -106,6 +109,27 @@ def _per_decode(value: Any, fn: Callable[[Any], Any], many: bool) -> Any:
     return [fn(v) for v in value] if many else fn(value)
 
 
+def _parse_regions(tokens: np.ndarray, image_size: tuple[int, int]) -> tuple[list, np.ndarray]:
+    """Labels and boxes in ``tokens``; none (with a warning) when the output is not well formed.
+
+    The reference raised a bare ValueError here, losing the rest of the output.
+    """
+    try:
+        return processing.tokens_to_regions(tokens, image_size)
+    except ValueError as err:
+        log.warning("the model's output is not a list of boxes, returning none: %s", err)
+        return [], np.zeros((0, 4))
+
+
+def _parse_keypoints(tokens: np.ndarray, tokenizer, image_size: tuple[int, int]) -> tuple:
+    """``(points, labels, invalid)``; ``(None, None, True)`` when the output is not keypoints."""
+    try:
+        return processing.extract_keypoints(tokens, tokenizer, image_size)
+    except ValueError as err:
+        log.warning("the model's output is not a list of keypoints, returning none: %s", err)
+        return None, None, True
+
+
 def postprocess(task: Task, out: dict, image: np.ndarray | None, tokenizer, many: bool) -> dict:
     """Turn :meth:`ModelRunner.run` output for one example into the task's result dict."""
     kind = task.output
@@ -122,13 +146,13 @@ def postprocess(task: Task, out: dict, image: np.ndarray | None, tokenizer, many
         return {"mask": masks, "image": out["image"][0], "score": out["score"][0]}
     tokens = out["text_tokens"][0]
     if kind == "boxes":
-        regions = [processing.tokens_to_regions(row, image.shape[:2]) for row in tokens]
+        regions = [_parse_regions(row, image.shape[:2]) for row in tokens]
         boxes = regions[0][1] if len(tokens) == 1 else [r[1] for r in regions]
         labels = regions[0][0] if len(tokens) == 1 else [r[0] for r in regions]
         return {"boxes": boxes, "labels": labels, "text": out["text"], "score": out["score"],
                 "text_tokens": out["text_tokens"]}
     if kind == "pose":
-        found = [processing.extract_keypoints(row, tokenizer, image.shape[:2]) for row in tokens]
+        found = [_parse_keypoints(row, tokenizer, image.shape[:2]) for row in tokens]
         points, labels, invalid = found[0] if len(tokens) == 1 else (list(x) for x in zip(*found))
         return {"points": points, "labels": labels, "invalid": invalid, "score": out["score"],
                 "text_tokens": out["text_tokens"]}
