@@ -138,3 +138,10 @@ def test_safetensors_checkpoint_loads_the_same(tiny_model, tiny_params, tmp_path
     corrupt.write_bytes(b"\x10" * 64)
     with pytest.raises(CheckpointError, match="corrupt.safetensors"):
         build_model(conformance / "tiny" / "config.json", corrupt)
+
+
+def test_params_from_model_inverts_loading(tiny_model, tiny_params):
+    params = checkpoint.params_from_model(tiny_model)
+    assert params.keys() == tiny_params.keys()
+    for path, array in tiny_params.items():
+        np.testing.assert_array_equal(params[path], array)

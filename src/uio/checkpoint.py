@@ -311,3 +311,15 @@ def infer_size(params: Mapping[str, np.ndarray | torch.Tensor]) -> str | None:
         if shapes == {path: shape for path, (shape, _) in spec.items()}:
             return size
     return None
+
+
+def params_from_model(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The flat flax-path tree of ``model``'s weights, in the checkpoint layout (for writing)."""
+    state = model.state_dict()
+    params = {}
+    for path in expected_params(model):
+        tensor = state[torch_key(path)].detach().float()
+        if path.endswith("/kernel"):
+            tensor = tensor.t() if tensor.ndim == 2 else tensor.permute(2, 3, 1, 0)
+        params[path] = tensor.contiguous().numpy()
+    return params

@@ -59,6 +59,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
         model = UnifiedIO(config, vae_config)
     load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
     model.discrete_vae.float()
+    model.fuse_projections()
     return model.eval().requires_grad_(False)
 
 

@@ -33,9 +33,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def fuse_weights(linears: list[nn.Linear]) -> Tensor:
+    """Concatenate the weights of ``linears`` (same input) into one matrix; each module keeps a
+    view of its rows, so memory is unchanged and one matmul computes all their outputs."""
+    fused = torch.cat([m.weight.detach() for m in linears])
+    for m, rows in zip(linears, fused.split([m.out_features for m in linears])):
+        m.weight = nn.Parameter(rows, requires_grad=False)
+    return fused
 
 
 class MlpBlock(nn.Module):
@@ -46,9 +53,18 @@ class MlpBlock(nn.Module):
         self.wi_0 = nn.Linear(dim, hidden, bias=False)
         self.wi_1 = nn.Linear(dim, hidden, bias=False)
         self.wo = nn.Linear(hidden, dim, bias=False)
+        self.fused_wi: Tensor | None = None
+
+    def fuse(self) -> None:
+        """Compute wi_0 and wi_1 with one matmul from now on."""
+        self.fused_wi = fuse_weights([self.wi_0, self.wi_1])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+        if self.fused_wi is None:
+            gate, up = self.wi_0(x), self.wi_1(x)
+        else:
+            gate, up = F.linear(x, self.fused_wi).chunk(2, dim=-1)
+        return self.wo(F.gelu(gate, approximate="tanh") * up)
 
 
 class Attention(nn.Module):
@@ -63,21 +79,38 @@ class Attention(nn.Module):
         self.value = nn.Linear(dim, inner, bias=False)
         self.out = nn.Linear(inner, dim, bias=False)
 
+        self.fused_qkv: Tensor | None = None
+
+    def fuse(self) -> None:
+        """Compute the query/key/value projections with one matmul from now on."""
+        self.fused_qkv = fuse_weights([self.query, self.key, self.value])
+
     def split_heads(self, x: Tensor) -> Tensor:
         """(B, L, H*D) -> (B, H, L, D)."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.split_heads(self.key(x)), self.split_heads(self.value(x))
+    def project(self, x: Tensor, which: str) -> list[Tensor]:
+        """Project ``x`` into heads for each of ``which`` (``"qkv"``, ``"kv"`` or ``"q"``)."""
+        first, last = "qkv".index(which[0]), "qkv".index(which[-1]) + 1
+        if self.fused_qkv is None:
+            outputs = [m(x) for m in (self.query, self.key, self.value)[first:last]]
+        else:
+            inner = self.num_heads * self.head_dim
+            outputs = F.linear(x, self.fused_qkv[first * inner:last * inner]).split(inner, dim=-1)
+        return [self.split_heads(y) for y in outputs]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         """q (B,H,Lq,D), k/v (B,H,Lk,D), bias broadcastable to (B,H,Lq,Lk) -> (B, Lq, dim)."""
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
+        if q.shape[2] == 1:
+            # One decoding step: plain matmuls beat the fused kernel's setup cost on a cache slice.
+            x = torch.softmax(q @ k.transpose(2, 3) + bias.to(q.dtype), dim=-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
         return self.out(x.transpose(1, 2).flatten(2))
 
-    def forward(self, x: Tensor, kv: Tensor, bias: Tensor) -> Tensor:
-        k, v = self.project_kv(kv)
-        return self.attend(self.split_heads(self.query(x)), k, v, bias)
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        """Self-attention of ``x``."""
+        return self.attend(*self.project(x, "qkv"), bias)
 
 
 def mask_bias(query_valid: Tensor, key_valid: Tensor) -> Tensor:
@@ -159,8 +192,7 @@ class EncoderLayer(nn.Module):
         self.mlp = MlpBlock(cfg.emb_dim, cfg.mlp_dim)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        h = self.pre_attention_layer_norm(x)
-        x = x + self.attention(h, h, bias)
+        x = x + self.attention(self.pre_attention_layer_norm(x), bias)
         return x + self.mlp(self.pre_mlp_layer_norm(x))
 
 
@@ -257,16 +289,14 @@ class DecoderLayer(nn.Module):
         self.pre_mlp_layer_norm = RMSNorm(cfg.emb_dim)
         self.mlp = MlpBlock(cfg.emb_dim, cfg.mlp_dim)
 
-    def forward(self, x: Tensor, self_kv: Callable[[Attention, Tensor], tuple[Tensor, Tensor]], self_bias: Tensor,
-                cross_kv: tuple[Tensor, Tensor], cross_bias: Tensor) -> Tensor:
-        """``self_kv(attention, normed_x)`` returns the self-attention keys/values to attend over
-        (the whole sequence when teacher forcing, the cache including this step when decoding)."""
-        h = self.pre_self_attention_layer_norm(x)
-        attn = self.self_attention
-        x = x + attn.attend(attn.split_heads(attn.query(h)), *self_kv(attn, h), self_bias)
-        h = self.pre_cross_attention_layer_norm(x)
-        cross = self.encoder_decoder_attention
-        x = x + cross.attend(cross.split_heads(cross.query(h)), *cross_kv, cross_bias)
+    def forward(self, x: Tensor, self_qkv: Callable[[Attention, Tensor], tuple[Tensor, Tensor, Tensor]],
+                self_bias: Tensor, cross_kv: tuple[Tensor, Tensor], cross_bias: Tensor) -> Tensor:
+        """``self_qkv(attention, normed_x)`` returns the self-attention queries and the keys/values
+        to attend over (the whole sequence when teacher forcing, the cache when decoding)."""
+        attn, cross = self.self_attention, self.encoder_decoder_attention
+        x = x + attn.attend(*self_qkv(attn, self.pre_self_attention_layer_norm(x)), self_bias)
+        q, = cross.project(self.pre_cross_attention_layer_norm(x), "q")
+        x = x + cross.attend(q, *cross_kv, cross_bias)
         return x + self.mlp(self.pre_mlp_layer_norm(x))
 
 
@@ -312,13 +342,14 @@ class Decoder(nn.Module):
 
     def cross_kv(self, encoded: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Project the encoder states once per call for every layer's cross-attention."""
-        return [layer.encoder_decoder_attention.project_kv(encoded) for layer in self.layers]
+        return [[kv.contiguous() for kv in layer.encoder_decoder_attention.project(encoded, "kv")]
+                for layer in self.layers]
 
-    def run_layers(self, y: Tensor, self_kv_fn: Callable[[int, Attention, Tensor], tuple[Tensor, Tensor]],
+    def run_layers(self, y: Tensor, self_qkv_fn: Callable[[int, Attention, Tensor], tuple[Tensor, Tensor, Tensor]],
                    self_bias: Tensor, cross_kv: list, cross_bias: Tensor) -> Tensor:
-        """Run every layer and the final norm; ``self_kv_fn(i, attention, h)`` gives layer i's K/V."""
+        """Run every layer and the final norm; ``self_qkv_fn(i, attention, h)`` gives layer i's Q/K/V."""
         for i, layer in enumerate(self.layers):
-            y = layer(y, functools.partial(self_kv_fn, i), self_bias, cross_kv[i], cross_bias)
+            y = layer(y, functools.partial(self_qkv_fn, i), self_bias, cross_kv[i], cross_bias)
         return self.decoder_norm(y)
 
 
@@ -340,6 +371,16 @@ class UnifiedIO(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.discrete_vae = VQGAN(vae_cfg)
+
+    def fuse_projections(self) -> None:
+        """Fuse each attention's q/k/v and each MLP's input projections into single matmuls.
+
+        Call after the weights are loaded and placed (device, dtype): the modules then hold
+        views of the fused matrices, so no memory is added.
+        """
+        for module in self.modules():
+            if isinstance(module, (Attention, MlpBlock)):
+                module.fuse()
 
     def encode(self, tokens: Tensor, images: Tensor, text_mask: Tensor | None = None,
                image_mask: Tensor | None = None) -> EncoderOutput:
@@ -366,7 +407,7 @@ class UnifiedIO(nn.Module):
         causal = torch.ones(t + i, t + i, dtype=torch.bool, device=device).tril()
         self_bias = torch.where(causal, mask_bias(valid, valid), MASK_VALUE) + dec.self_bias(t, i, device)[None]
         cross_bias = mask_bias(valid, enc.mask)
-        hidden = dec.run_layers(y, lambda _, attn, h: attn.project_kv(h), self_bias, dec.cross_kv(enc.hidden),
+        hidden = dec.run_layers(y, lambda _, attn, h: attn.project(h, "qkv"), self_bias, dec.cross_kv(enc.hidden),
                                 cross_bias)
         logits = logits_from_hidden(hidden, self.token_embedder)
         is_image_step = torch.arange(t + i, device=device)[:, None] >= t
@@ -418,12 +459,12 @@ def decode_step(model: "UnifiedIO", cache: DecoderCache, tokens: Tensor, step: i
     bias = torch.where(keys_valid[:, None, None, :], 0.0, MASK_VALUE) + cache.self_bias[None, :, step:step + 1,
                                                                                         :step + 1]
 
-    def self_kv(i: int, attn: Attention, h: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = attn.project_kv(h)
+    def self_qkv(i: int, attn: Attention, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = attn.project(h, "qkv")
         cache.keys[i][:, :, step:step + 1] = k
         cache.values[i][:, :, step:step + 1] = v
-        return cache.keys[i][:, :, :step + 1], cache.values[i][:, :, :step + 1]
+        return q, cache.keys[i][:, :, :step + 1], cache.values[i][:, :, :step + 1]
 
-    hidden = dec.run_layers(y, self_kv, bias, cache.cross_kv, cache.cross_bias)[:, 0]
+    hidden = dec.run_layers(y, self_qkv, bias, cache.cross_kv, cache.cross_bias)[:, 0]
     rows = slice(cfg.vocab_size, None) if is_image else slice(0, cfg.vocab_size)
     return logits_from_hidden(hidden, model.token_embedder, rows)

@@ -1,0 +1,219 @@
+"""Time the runner on random weights of a real model size, against floors measured on this machine.
+
+    python benchmarks/bench.py [--size small] [--dtype fp32 bf16] [--runs 5] [--threads 2]
+
+Writes a random checkpoint of the real size in the released ``.bin`` format (and its safetensors
+conversion) to a temporary folder, then prints one table: each call's median seconds over
+``--runs`` runs after a warm-up, the first (cold) call, the floor this hardware allows (from
+matmul/conv throughput and weight-streaming bandwidth measured in the same run), the ratio to it,
+and the peak resident memory during the call.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uio import checkpoint
+from uio.config import CONFIGS, VAE_CONFIG
+from uio.model.transformer import UnifiedIO
+from uio.runner import DEPTH_PROMPT, ModelRunner, resolve_dtype
+
+CONFORMANCE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/conformance/tokenizer/spiece.model"
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+def reset_peak_rss() -> None:
+    """Make VmHWM restart from the current RSS (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# ---- hardware throughput -----------------------------------------------------------------------
+
+def best_time(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_hardware(dtype: torch.dtype) -> dict:
+    """Matmul and 3x3-conv FLOP/s, and batch-1 matrix-vector weight-streaming bytes/s."""
+    a, b = torch.randn(1024, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    matmul = 2 * 1024 * 2048 * 2048 / best_time(lambda: a @ b)
+    x = torch.randn(1, 256, 64, 64, dtype=dtype).to(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dtype).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        conv_rate = 2 * 256 * 256 * 9 * 64 * 64 / best_time(lambda: conv(x))
+    w, v = torch.randn(16384, 4096, dtype=dtype), torch.randn(1, 4096, dtype=dtype)
+    bandwidth = w.numel() * w.element_size() / best_time(lambda: v @ w.t())
+    return {"matmul": matmul, "conv": conv_rate, "bandwidth": bandwidth}
+
+
+# ---- analytic work per call --------------------------------------------------------------------
+
+def encoder_flops(cfg, text_tokens: int, batch: int) -> float:
+    s, d, inner, m = text_tokens + cfg.encoder_max_image_length, cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
+    per_layer = 2 * s * (4 * d * inner + 3 * d * m) + 4 * s * s * inner
+    patches = 2 * cfg.encoder_max_image_length * cfg.image_patch_size ** 2 * 3 * d
+    return batch * (cfg.num_encoder_layers * per_layer + patches)
+
+
+def step_bytes(cfg, image_step: bool, element_size: int) -> float:
+    """Weights one decoder step must read: layers (cross K/V are projected once) + output rows."""
+    d, inner, m = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
+    per_layer = 4 * d * inner + 2 * d * inner + 3 * d * m
+    rows = cfg.image_vocab_size if image_step else cfg.vocab_size
+    return element_size * (cfg.num_decoder_layers * per_layer + rows * d)
+
+
+def vqgan_flops(vqgan) -> float:
+    total = 0.0
+
+    def count(module, _inputs, output):
+        nonlocal total
+        k = module.kernel_size[0] * module.kernel_size[1]
+        total += 2 * module.in_channels * module.out_channels * k * output.shape[-1] * output.shape[-2]
+
+    hooks = [m.register_forward_hook(count) for m in vqgan.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        vqgan.decode_codes(torch.zeros(1, 256, dtype=torch.long))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+# ---- setup -------------------------------------------------------------------------------------
+
+def write_random_checkpoint(size: str, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = UnifiedIO(CONFIGS[size], VAE_CONFIG)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    out = folder / f"{size}.bin"
+    checkpoint.write_bin(checkpoint.params_from_model(model), out)
+    return out
+
+
+def tokenizer_source() -> Path:
+    from uio import hub
+
+    try:
+        return hub.tokenizer_path(download=False)
+    except hub.DownloadError:
+        if CONFORMANCE_TOKENIZER.is_file():
+            return CONFORMANCE_TOKENIZER
+        sys.exit("no tokenizer: run `uio download --tokenizer-only` or provide ../shared/conformance")
+
+
+def timed_load(size: str, path: Path, tokenizer: Path, dtype: str) -> tuple[ModelRunner, float, float]:
+    reset_peak_rss()
+    start = time.perf_counter()
+    runner = ModelRunner(size, path, tokenizer=tokenizer, dtype=dtype, device="cpu", log_inputs=False)
+    return runner, time.perf_counter() - start, peak_rss_gib()
+
+
+def time_call(fn, runs: int) -> tuple[float, float, float]:
+    """(first-call seconds, median seconds over ``runs``, peak RSS GiB)."""
+    reset_peak_rss()
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), peak_rss_gib()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="small", choices=list(CONFIGS))
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = CONFIGS[args.size]
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bin_path = write_random_checkpoint(args.size, Path(tmp))
+        st_path = Path(tmp) / f"{args.size}.safetensors"
+        checkpoint.write_safetensors(checkpoint.read_bin(bin_path), st_path)
+        tokenizer = tokenizer_source()
+        for path in (bin_path, st_path):
+            _, seconds, peak = timed_load(args.size, path, tokenizer, "fp32")
+            rows.append((f"load {path.suffix}", 1, "fp32", seconds, seconds, float("nan"), peak))
+        for dtype_name in args.dtype:
+            dtype = resolve_dtype(dtype_name)
+            hw = measure_hardware(dtype)
+            runner, _, _ = timed_load(args.size, st_path, tokenizer, dtype_name)
+            prompt_len = runner.tokenizer(["what color is the sofa ?"]).shape[1]
+            esize = torch.finfo(dtype).bits // 8
+            enc = encoder_flops(cfg, prompt_len, 1) / hw["matmul"]
+            text_step = step_bytes(cfg, False, esize) / hw["bandwidth"]
+            image_step = step_bytes(cfg, True, esize) / hw["bandwidth"]
+            vq = vqgan_flops(runner.model.discrete_vae) / measure_hardware(torch.float32)["conv"]
+            depth_floor = enc + text_step + 256 * image_step + vq
+            calls = {
+                "vqa": (lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
+                "depth (beam)": (lambda: runner.depth(image, beam_search=True), depth_floor),
+                "depth (sampling)": (lambda: runner.depth(image), depth_floor),
+                "vqgan decode": (lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long)), vq),
+            }
+            for name, (fn, floor) in calls.items():
+                first, median, peak = time_call(fn, args.runs)
+                rows.append((name, 1, dtype_name, first, median, floor, peak))
+            for batch in args.batches:
+                prompt = ["what color is the sofa ?"] * batch
+                fn = lambda b=batch: runner.run([image] * b, prompt[:b], output_text_len=32)  # noqa: E731
+                floor = encoder_flops(cfg, prompt_len, batch) / hw["matmul"] + 33 * text_step
+                first, median, peak = time_call(fn, args.runs)
+                rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, dtype_name, first, median, floor, peak))
+            print(f"# {dtype_name}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "
+                  f"weight streaming {hw['bandwidth'] / 1e9:.1f} GB/s", file=sys.stderr)
+    print_table(rows, args)
+
+
+def print_table(rows, args) -> None:
+    print(f"\nUnified-IO {args.size}, random weights, CPU, {args.threads} threads, torch {torch.__version__}, "
+          f"median of {args.runs} runs after one warm-up\n")
+    print("| call | batch | dtype | first s | median s | floor s | ratio | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, batch, dtype, first, median, floor, peak in rows:
+        ratio = "" if math.isnan(floor) else f"{median / floor:.2f}"
+        floor_text = "" if math.isnan(floor) else f"{floor:.3f}"
+        print(f"| {name} | {batch} | {dtype} | {first:.3f} | {median:.3f} | {floor_text} | {ratio} | {peak:.2f} |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()
