@@ -276,16 +276,22 @@ def write_safetensors(params: Mapping[str, np.ndarray | torch.Tensor], path: str
                       dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
     """Write a checkpoint as safetensors (flax paths as keys, original layout), optionally cast.
 
-    Leaves are converted one at a time and written atomically (``path.partial`` then renamed).
+    Memory-mapped leaves are written without a copy (a cast makes one of the target size); the
+    file is written as ``path.partial`` and renamed when complete.
     """
     from safetensors.torch import save_file
 
     tensors = {}
-    for key, leaf in params.items():
-        tensor = leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(np.array(leaf))
-        tensors[key] = tensor.to(dtype) if dtype is not None else tensor.contiguous()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for key, leaf in params.items():
+            tensor = leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(np.require(leaf, requirements="C"))
+            tensors[key] = tensor.to(dtype) if dtype is not None else tensor
     tmp = Path(f"{path}.partial")
     save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # save_file creates owner-only files; a shared cache needs more
     os.replace(tmp, path)
 
 

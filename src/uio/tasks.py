@@ -117,7 +117,7 @@ def _parse_regions(tokens: np.ndarray, image_size: tuple[int, int]) -> tuple[lis
     try:
         return processing.tokens_to_regions(tokens, image_size)
     except ValueError as err:
-        log.warning("the model's output is not a list of boxes, returning none: %s", err)
+        log.warning("the model's output is not a list of boxes, returning none: %.120s", err)
         return [], np.zeros((0, 4))
 
 
@@ -126,7 +126,7 @@ def _parse_keypoints(tokens: np.ndarray, tokenizer, image_size: tuple[int, int])
     try:
         return processing.extract_keypoints(tokens, tokenizer, image_size)
     except ValueError as err:
-        log.warning("the model's output is not a list of keypoints, returning none: %s", err)
+        log.warning("the model's output is not a list of keypoints, returning none: %.120s", err)
         return None, None, True
 
 

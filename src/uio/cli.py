@@ -1,0 +1,765 @@
+"""The ``uio`` command line: every task, arbitrary prompts, checkpoint conversion, the demo.
+
+One sub-command per task (``uio caption IMAGE``, ``uio vqa IMAGE "question"``, ...) is generated
+from :data:`TASK_COMMANDS`, which maps each to its :class:`~uio.runner.ModelRunner` method, its
+arguments and how its output is shown. Text results are printed; spatial results are saved as
+PNG (boxes, keypoints and masks drawn onto the input image, depth as grayscale at the input's
+size, generated images at 256x256). ``--json`` prints one JSON object instead.
+
+Exit status: 0 on success, 2 for a bad command line or unusable input (missing or unreadable
+file, malformed box...), 1 when the work itself fails (checkpoint, download, model errors).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from . import draw
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEMO_QUESTION = "What color is the sofa?"
+MODEL_SIZES = ("small", "base", "large", "xl")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+MAX_TEXT_LEN = 128  # ModelRunner's MAX_OUTPUT_TEXT_LEN, kept here so --help does not import torch
+_MAX_ERROR_LINE = 400
+
+Outcome = tuple[dict, list[str]]  # (the JSON record, the lines printed without --json)
+
+
+class UsageError(Exception):
+    """A bad command line or unusable input: reported on one line, exit status 2."""
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog  # None: the running sub-command's
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are :class:`UsageError` (one line, no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')", self.prog)
+
+
+# ---- reading inputs ------------------------------------------------------------------------------
+
+def _open_image(source: str | Path | BinaryIO, name: str, mode: str = "RGB") -> Image.Image:
+    """Open an image file (EXIF orientation applied) converted to ``mode``, or raise UsageError."""
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise UsageError(f"{name}: no such file")
+    try:
+        with Image.open(source) as image:
+            return ImageOps.exif_transpose(image).convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UsageError(f"{name}: not a readable image ({err})") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as an HxWx3 uint8 array; :class:`UsageError` if missing or unreadable."""
+    return np.array(_open_image(path, str(path)))
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask image as an HxW bool array: pixels brighter than half the brightest (0/1 or 0/255)."""
+    array = np.array(_open_image(path, str(path), mode="L"))
+    return array > array.max() / 2 if array.max() > 0 else np.zeros(array.shape, bool)
+
+
+def demo_image() -> np.ndarray:
+    """The bundled living-room picture (``uio/assets/demo.png``)."""
+    from importlib import resources
+
+    with resources.files("uio").joinpath("assets").joinpath("demo.png").open("rb") as f:
+        return np.array(_open_image(f, "demo.png"))
+
+
+def _coordinate(text: str) -> float:
+    """argparse type: a finite pixel coordinate."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a pixel coordinate (a number), got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _text_len(text: str) -> int:
+    """argparse type: an output text length in 1..MAX_TEXT_LEN."""
+    value = _positive_int(text)
+    if value > MAX_TEXT_LEN:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TEXT_LEN}, got {value}")
+    return value
+
+
+def _comma_list(text: str) -> list[str]:
+    """argparse type: ``a,b,c`` -> ``["a", "b", "c"]`` (blank items dropped, at least one)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated answers like 'cat,dog', got {text!r}")
+    return items
+
+
+def check_box(box: Sequence[float], image: np.ndarray) -> list[float]:
+    """``[x1, y1, x2, y2]`` if it is a non-empty box inside ``image``, else :class:`UsageError`."""
+    x1, y1, x2, y2 = box
+    height, width = image.shape[:2]
+    shown = " ".join(f"{v:g}" for v in box)
+    if x2 <= x1 or y2 <= y1:
+        raise UsageError(f"box {shown}: need X1 < X2 and Y1 < Y2 (corners left-top then right-bottom)")
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        raise UsageError(f"box {shown} is not inside the {width}x{height} image")
+    return [float(v) for v in box]
+
+
+def _check_output(path: str | None) -> None:
+    """Fail early on an output file name PIL cannot save to."""
+    if path is not None and Path(path).suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"{path}: unknown image file extension (use .png or .jpg)")
+
+
+# ---- the task table ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arg:
+    """One input of a task command.
+
+    ``kind`` says how it is given and read: ``image`` (a file), ``text`` (one string), ``box``
+    (X1 Y1 X2 Y2 pixels), ``options`` (``--options a,b,c``) or ``masks`` (mask files and
+    ``--labels``). ``keyword`` is the :class:`ModelRunner` method's parameter it fills.
+    """
+
+    kind: str
+    keyword: str
+    metavar: str = ""
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class TaskCommand:
+    """A sub-command running one :class:`ModelRunner` task method.
+
+    ``output`` says how results are shown: ``text``; ``image`` (a generated 256x256 image);
+    ``rescaled`` (a generated image brought back to the input's size); ``gray`` (the same, as
+    grayscale); ``masks``, ``boxes`` or ``pose`` (drawn onto the input image).
+    """
+
+    name: str
+    method: str
+    help: str
+    args: tuple[Arg, ...]
+    output: str
+
+
+IMAGE = Arg("image", "image", "IMAGE", "input image file")
+BOX = Arg("box", "location", help="the region, in pixels of IMAGE")
+OPTIONS = Arg("options", "answer_options", help="comma-separated answers to choose from (scored by loss)")
+MASKS = Arg("masks", "binary_masks", "MASK", "mask images (white = the region)")
+
+TASK_COMMANDS: tuple[TaskCommand, ...] = (
+    TaskCommand("caption", "caption", "describe an image", (IMAGE,), "text"),
+    TaskCommand("vqa", "vqa", "answer a question about an image",
+                (IMAGE, Arg("text", "question", "QUESTION")), "text"),
+    TaskCommand("depth", "depth", "estimate depth; saves a grayscale PNG of the input's size", (IMAGE,), "gray"),
+    TaskCommand("surface-normal", "surface_normal", "estimate surface normals; saves an RGB PNG",
+                (IMAGE,), "rescaled"),
+    TaskCommand("generate", "image_generation", "generate a 256x256 image from a description",
+                (Arg("text", "description", "DESCRIPTION"),), "image"),
+    TaskCommand("inpaint", "image_inpainting", "repaint a box of an image with a description",
+                (IMAGE, BOX, Arg("text", "replace_with", "REPLACEMENT")), "rescaled"),
+    TaskCommand("segment", "object_segmentation", "segment every instance of an object; draws the masks",
+                (IMAGE, Arg("text", "object_name", "OBJECT")), "masks"),
+    TaskCommand("refexp", "refexp", "find the region a referring expression describes; draws the box",
+                (IMAGE, Arg("text", "expression", "EXPRESSION")), "boxes"),
+    TaskCommand("locate", "object_localization", "find every instance of an object; draws the boxes",
+                (IMAGE, Arg("text", "object_name", "OBJECT")), "boxes"),
+    TaskCommand("region-caption", "region_caption", "describe a region of an image", (IMAGE, BOX), "text"),
+    TaskCommand("region-classify", "region_classification", "name the object in a region",
+                (IMAGE, BOX, OPTIONS), "text"),
+    TaskCommand("classify", "image_classification", "name what the image shows", (IMAGE, OPTIONS), "text"),
+    TaskCommand("pose", "pose", "find the joints of the person in a region; draws the skeleton",
+                (IMAGE, BOX), "pose"),
+    TaskCommand("seg-generate", "segmentation_based_generation",
+                "generate an image whose regions (mask files) show the given labels", (MASKS,), "image"),
+)
+SPATIAL_OUTPUTS = ("image", "rescaled", "gray", "masks", "boxes", "pose")
+
+
+def _add_arg(parser: argparse.ArgumentParser, arg: Arg) -> None:
+    """Declare ``arg`` on a sub-command's parser."""
+    if arg.kind in ("image", "text"):
+        parser.add_argument(arg.keyword, metavar=arg.metavar, help=arg.help or None)
+    elif arg.kind == "box":
+        for name in ("x1", "y1", "x2", "y2"):
+            parser.add_argument(name, metavar=name.upper(), type=_coordinate,
+                                help=arg.help if name == "x1" else argparse.SUPPRESS)
+    elif arg.kind == "options":
+        parser.add_argument("--options", type=_comma_list, metavar="A,B,...", help=arg.help)
+    elif arg.kind == "masks":
+        parser.add_argument("masks", nargs="+", metavar=arg.metavar, help=arg.help)
+        parser.add_argument("--labels", nargs="+", required=True, metavar="LABEL",
+                            help="what each mask shows, in the order of the masks")
+    else:
+        raise ValueError(f"unknown argument kind {arg.kind!r}")
+
+
+def _read_arg(args: argparse.Namespace, arg: Arg, inputs: dict) -> dict:
+    """The method keyword(s) for ``arg``, read and checked (earlier inputs are in ``inputs``)."""
+    if arg.kind == "image":
+        return {"image": read_image(args.image)}
+    if arg.kind == "text":
+        return {arg.keyword: getattr(args, arg.keyword)}
+    if arg.kind == "box":
+        return {"location": check_box([args.x1, args.y1, args.x2, args.y2], inputs["image"])}
+    if arg.kind == "options":
+        if args.options and args.num_decodes is not None:
+            raise UsageError("--options cannot be combined with --num-decodes")
+        return {"answer_options": args.options}
+    return _read_masks(args.masks, args.labels)
+
+
+def _read_masks(paths: Sequence[str], labels: Sequence[str]) -> dict:
+    """Masks and labels for segmentation-based generation, checked for count and size."""
+    from .tasks import GEN_SEGMENTATION_COLOR_NAMES
+
+    if len(paths) != len(labels):
+        raise UsageError(f"got {len(paths)} masks but {len(labels)} labels; give one label per mask")
+    if len(paths) > len(GEN_SEGMENTATION_COLOR_NAMES):
+        raise UsageError(f"at most {len(GEN_SEGMENTATION_COLOR_NAMES)} masks, got {len(paths)}")
+    masks = [read_mask(path) for path in paths]
+    for path, mask in zip(paths, masks):
+        if mask.shape != masks[0].shape:
+            raise UsageError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but {paths[0]} is "
+                             f"{masks[0].shape[1]}x{masks[0].shape[0]}; masks must have the same size")
+    return {"binary_masks": masks, "labels": list(labels)}
+
+
+# ---- loading the model ---------------------------------------------------------------------------
+
+def _check_device(name: str | None) -> None:
+    """UsageError for a device torch does not know or cannot use here."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: unknown device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+
+
+def _check_model(model: str) -> None:
+    if model not in MODEL_SIZES and not Path(model).is_file():
+        raise UsageError(f"--model {model}: expected one of {', '.join(MODEL_SIZES)} or a config JSON file")
+
+
+def _require_file(path: str | None, option: str) -> None:
+    if path is not None and not Path(path).exists():
+        raise UsageError(f"{option} {path}: no such file")
+
+
+def _config_of_weights(weights: Path) -> str | None:
+    """The model a converted checkpoint was made for: a size name, or the JSON written beside it."""
+    from .checkpoint import read_metadata
+    from .config import CONFIGS, VAE_CONFIG, config_to_dict
+
+    try:
+        stored = read_metadata(weights).get("uio_config")
+    except Exception:  # not a safetensors file after all: loading it will say so clearly
+        return None
+    if stored is None:
+        return None
+    stored = json.loads(stored)
+    for size, config in CONFIGS.items():
+        if stored == json.loads(json.dumps(config_to_dict(config, VAE_CONFIG))):
+            return size
+    # A custom config (like the conformance tiny one): `uio convert` wrote it beside the file.
+    sidecar = weights.with_suffix(".json")
+    if sidecar.is_file():
+        return str(sidecar)
+    raise UsageError(f"{weights} was converted for a custom config; pass it with --model config.json")
+
+
+def model_spec(args: argparse.Namespace) -> str:
+    """``--model``, else the config recorded in a converted ``--weights`` file, else ``small``."""
+    if args.model is not None:
+        _check_model(args.model)
+        if args.weights is None and args.model not in MODEL_SIZES:
+            raise UsageError(f"--model {args.model}: a config file needs --weights (only released sizes download)")
+        return args.model
+    if args.weights is not None and Path(args.weights).suffix == ".safetensors":
+        return _config_of_weights(Path(args.weights)) or "small"
+    return "small"
+
+
+def load_runner(args: argparse.Namespace):
+    """The :class:`ModelRunner` the common options describe (downloads when --weights is absent)."""
+    from .runner import ModelRunner
+
+    return ModelRunner.from_pretrained(model_spec(args), weights=args.weights, tokenizer=args.tokenizer,
+                                       device=args.device, dtype=args.dtype, seed=args.seed, log_inputs=False)
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """Validate the common model options before any work is done."""
+    _require_file(args.weights, "--weights")
+    _require_file(args.tokenizer, "--tokenizer")
+    model_spec(args)
+    _check_device(args.device)
+
+
+# ---- showing results -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Context:
+    """What the output writers need besides a result: the input image, the box, the output file."""
+
+    image: np.ndarray | None
+    output: Path | None
+    tokenizer: Any = None
+    box: Sequence[float] | None = None
+
+
+_PER_DECODE = {"text": ("text",), "image": ("image", "text"), "rescaled": ("image", "rescaled_image"),
+               "gray": ("image", "rescaled_image"), "masks": ("mask",), "boxes": ("boxes", "labels"),
+               "pose": ("points", "labels", "invalid")}
+
+
+def split_decodes(result: Mapping[str, Any], output: str, num_decodes: int | None) -> list[dict]:
+    """One dict per decode (best score first) holding that decode's fields and its ``score``."""
+    scores = np.ravel(result["score"])
+    keys = [key for key in _PER_DECODE[output] if result.get(key) is not None]
+    if num_decodes is None:
+        return [{**{key: result[key] for key in keys}, "score": float(scores[0])}]
+    decodes = [{**{key: result[key][i] for key in keys}, "score": float(score)} for i, score in enumerate(scores)]
+    return sorted(decodes, key=lambda decode: -decode["score"])
+
+
+def _save(image: Image.Image, path: Path) -> Outcome:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return {"output": str(path), "width": image.width, "height": image.height}, [
+        f"wrote {path} ({image.width}x{image.height})"]
+
+
+def _to_input_size(image: np.ndarray, ctx: Context, mode: str = "bilinear") -> np.ndarray:
+    """A generated (padded, square) image cropped and resized back to the input image's size."""
+    from .processing import undo_image_preprocessing
+
+    return undo_image_preprocessing(image, ctx.image.shape[:2], mode=mode)
+
+
+def _show_text(decode: dict, ctx: Context) -> Outcome:
+    return {"text": decode["text"]}, [decode["text"]]
+
+
+def _show_image(decode: dict, ctx: Context) -> Outcome:
+    record, lines = _save(draw.to_pil(decode["image"]), ctx.output)
+    if decode.get("text"):
+        record, lines = {"text": decode["text"], **record}, [decode["text"], *lines]
+    return record, lines
+
+
+def _rescaled(decode: dict, ctx: Context) -> np.ndarray:
+    return decode["rescaled_image"] if "rescaled_image" in decode else _to_input_size(decode["image"], ctx)
+
+
+def _show_rescaled(decode: dict, ctx: Context) -> Outcome:
+    return _save(draw.to_pil(_rescaled(decode, ctx)), ctx.output)
+
+
+def _show_gray(decode: dict, ctx: Context) -> Outcome:
+    return _save(draw.grayscale(_rescaled(decode, ctx)), ctx.output)
+
+
+def _show_masks(decode: dict, ctx: Context) -> Outcome:
+    masks = [_to_input_size(m[..., None].astype(np.float32), ctx, "nearest")[..., 0] > 0.5 for m in decode["mask"]]
+    record, lines = _save(draw.overlay_masks(ctx.image, masks), ctx.output)
+    pixels = [int(m.sum()) for m in masks]
+    return {"masks": len(masks), "mask_pixels": pixels, **record}, [
+        f"{len(masks)} mask(s) of {', '.join(map(str, pixels)) or 'no'} pixels", *lines]
+
+
+def _show_boxes(decode: dict, ctx: Context) -> Outcome:
+    boxes = np.asarray(decode["boxes"], dtype=np.float64).reshape(-1, 4)
+    labels = [ctx.tokenizer.decode(np.asarray(ids).tolist()).strip() for ids in decode.get("labels", [])]
+    record, lines = _save(draw.draw_boxes(ctx.image, boxes, labels), ctx.output)
+    found = [" ".join(f"{v:.1f}" for v in box) + (f"  {label}" if label else "")
+             for box, label in zip(boxes, labels + [""] * len(boxes))]
+    return {"boxes": boxes.round(2).tolist(), "labels": labels, **record}, [*(found or ["no boxes found"]), *lines]
+
+
+def _show_pose(decode: dict, ctx: Context) -> Outcome:
+    points, visibility = decode.get("points"), decode.get("labels")
+    record, lines = _save(draw.draw_keypoints(ctx.image, points, visibility, ctx.box), ctx.output)
+    keypoints = [] if points is None else [
+        {"name": name, "x": round(float(x), 2), "y": round(float(y), 2), "visibility": int(v)}
+        for name, (x, y), v in zip(draw.COCO_KEYPOINTS, np.asarray(points), visibility)]
+    shown = [f"{k['name']:<15} {k['x']:7.1f} {k['y']:7.1f}  {'visible' if k['visibility'] == 2 else 'occluded'}"
+             for k in keypoints if k["visibility"] > 0]
+    if decode.get("invalid"):
+        shown.append("(the model's output was not well-formed keypoints)")
+    return {"keypoints": keypoints, "invalid": bool(decode.get("invalid")), **record}, [
+        *(shown or ["no visible keypoints"]), *lines]
+
+
+SHOW: dict[str, Callable[[dict, Context], Outcome]] = {
+    "text": _show_text, "image": _show_image, "rescaled": _show_rescaled, "gray": _show_gray,
+    "masks": _show_masks, "boxes": _show_boxes, "pose": _show_pose}
+
+
+def _numbered(path: Path | None, index: int, count: int) -> Path | None:
+    """``out.png`` for a single decode; ``out-1.png``, ``out-2.png``... for several."""
+    if path is None or count == 1:
+        return path
+    return path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
+
+
+def show(name: str, output: str, result: Mapping[str, Any], ctx: Context, num_decodes: int | None) -> Outcome:
+    """Save and describe a task result: the JSON record of the best decode (plus ``decodes``)."""
+    decodes = split_decodes(result, output, num_decodes)
+    records, lines = [], []
+    for i, decode in enumerate(decodes):
+        record, shown = SHOW[output](decode, replace(ctx, output=_numbered(ctx.output, i, len(decodes))))
+        records.append({**record, "score": decode["score"]})
+        lines += shown if len(decodes) == 1 else [f"#{i + 1} score {decode['score']:.4f}", *(f"  {s}" for s in shown)]
+    record = {"command": name, **records[0]}
+    if num_decodes is not None:
+        record["decodes"] = records
+    return record, lines
+
+
+def _output_path(args: argparse.Namespace, name: str, output: str) -> Path | None:
+    """``-o``, else ``<input stem>-<command>.png`` (``<command>.png`` without input) for spatial outputs."""
+    if output not in SPATIAL_OUTPUTS:
+        return None
+    if args.output:
+        return Path(args.output)
+    image = getattr(args, "image", None)
+    return Path(f"{Path(image).stem}-{name}.png" if image and image != "-" else f"{name}.png")
+
+
+# ---- sub-commands --------------------------------------------------------------------------------
+
+def _task_handler(command: TaskCommand) -> Callable[[argparse.Namespace], Outcome]:
+    """The handler of a task sub-command: read and check inputs, load the model, run, show."""
+
+    def handle(args: argparse.Namespace) -> Outcome:
+        _check_model_args(args)
+        _check_output(getattr(args, "output", None))
+        inputs: dict = {}
+        for arg in command.args:
+            inputs.update(_read_arg(args, arg, inputs))
+        runner = load_runner(args)
+        result = getattr(runner, command.method)(**inputs, num_decodes=args.num_decodes,
+                                                 beam_search=args.beam_search)
+        ctx = Context(inputs.get("image"), _output_path(args, command.name, command.output), runner.tokenizer,
+                      inputs.get("location"))
+        return show(command.name, command.output, result, ctx, args.num_decodes)
+
+    return handle
+
+
+def _cmd_run(args: argparse.Namespace) -> Outcome:
+    """``uio run``: any prompt, with or without an image, text or image output."""
+    _check_model_args(args)
+    _check_output(args.output)
+    options = _read_arg(args, OPTIONS, {})["answer_options"]
+    if options and args.image_output:
+        raise UsageError("--options scores text answers; it cannot be combined with --image-output")
+    if args.text_len == 1 and not args.image_output:
+        raise UsageError("--text-len 1 leaves no room for text; use 2 or more (or --image-output)")
+    image = None if args.image == "-" else read_image(args.image)
+    text_len = args.text_len or (1 if args.image_output else 32)
+    runner = load_runner(args)
+    out = runner.run([image], [args.prompt], output_text_len=text_len, generate_image=args.image_output,
+                     beam_search=args.beam_search, num_decodes=args.num_decodes, answer_options=options)
+    result = {"text": None if out["text"] is None else out["text"][0],
+              "image": None if out["image"] is None else out["image"][0], "score": out["score"][0]}
+    kind = "image" if args.image_output else "text"
+    ctx = Context(image, _output_path(args, "run", kind), runner.tokenizer)
+    return show("run", kind, result, ctx, args.num_decodes)
+
+
+def _cmd_demo(args: argparse.Namespace) -> Outcome:
+    """``uio demo``: the original README's example, VQA on the bundled living-room picture."""
+    _check_model_args(args)
+    image = demo_image()
+    runner = load_runner(args)
+    result = runner.vqa(image, DEMO_QUESTION, num_decodes=args.num_decodes, beam_search=args.beam_search)
+    record, lines = show("demo", "text", result, Context(image, None), args.num_decodes)
+    answer = [f"A: {lines[0]}"] if args.num_decodes is None else lines
+    return {**record, "question": DEMO_QUESTION}, [f"Q: {DEMO_QUESTION}", *answer]
+
+
+class _Progress(Mapping):
+    """A read-only view of a parameter dict whose iteration shows a tqdm bar (one step per tensor)."""
+
+    def __init__(self, params: Mapping, desc: str, disable: bool | None):
+        self._params, self._desc, self._disable = params, desc, disable
+
+    def __getitem__(self, key):
+        return self._params[key]
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __iter__(self) -> Iterator:
+        from tqdm import tqdm
+
+        return iter(tqdm(self._params, desc=self._desc, unit="tensor", disable=self._disable, file=sys.stderr))
+
+
+def _dtype_names(params: Mapping) -> str:
+    return ",".join(sorted({str(leaf.dtype).removeprefix("torch.") for leaf in params.values()}))
+
+
+def _infer_model(params: Mapping, src: Path) -> str:
+    from .checkpoint import infer_size
+
+    size = infer_size(params)
+    if size is None:
+        raise UsageError(f"{src}: its parameters match none of the released sizes ({', '.join(MODEL_SIZES)}); "
+                         "pass --model SIZE or --model config.json")
+    return size
+
+
+def _cmd_convert(args: argparse.Namespace) -> Outcome:
+    """``uio convert``: a ``.bin`` (or ``.safetensors``) checkpoint to ``.safetensors``, validated."""
+    import torch
+
+    from . import checkpoint
+    from .config import config_to_dict, load_config
+    from .model.transformer import UnifiedIO
+    from .runner import resolve_dtype
+
+    src, dst = Path(args.src), Path(args.dst)
+    _require_file(args.src, "SRC")
+    if dst.suffix != ".safetensors":
+        raise UsageError(f"DST {dst}: the converted file's name must end in .safetensors")
+    if dst.resolve() == src.resolve():
+        raise UsageError("SRC and DST are the same file")
+    if args.model is not None:
+        _check_model(args.model)
+    start = time.perf_counter()
+    params = checkpoint.load_checkpoint_file(src)
+    model = args.model or _infer_model(params, src)
+    config, vae_config = load_config(model)
+    with torch.device("meta"):
+        network = UnifiedIO(config, vae_config)
+    checkpoint.validate(params, checkpoint.expected_params(network), str(src))
+    config_dict = config_to_dict(config, vae_config)
+    metadata = {"uio_config": json.dumps(config_dict), "format": "uio-flax-paths"}
+    dtype = resolve_dtype(args.dtype) if args.dtype else None
+    checkpoint.write_safetensors(_Progress(params, dst.name, True if args.json else None), dst, dtype,
+                                 metadata=metadata)
+    sidecar = dst.with_suffix(".json")
+    sidecar.write_text(json.dumps(config_dict, indent=1) + "\n")
+    record = {"command": "convert", "source": str(src), "destination": str(dst), "config_file": str(sidecar),
+              "model": model, "dtype": args.dtype or _dtype_names(params), "tensors": len(params),
+              "parameters": int(sum(int(np.prod(leaf.shape)) for leaf in params.values())),
+              "source_bytes": src.stat().st_size, "destination_bytes": dst.stat().st_size,
+              "seconds": round(time.perf_counter() - start, 3)}
+    return record, [
+        f"converted {src} -> {dst} in {record['seconds']:.1f} s",
+        f"  model {model}: {record['parameters']:,} parameters in {record['tensors']} tensors, {record['dtype']}",
+        f"  size {_bytes(record['source_bytes'])} -> {_bytes(record['destination_bytes'])}",
+        f"  config written to {sidecar}"]
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _cmd_download(args: argparse.Namespace) -> Outcome:
+    """``uio download``: fetch the vocabulary (and a checkpoint) into the cache."""
+    from . import hub
+
+    files = {"tokenizer": hub.tokenizer_path()}
+    if not args.tokenizer_only:
+        files["checkpoint"] = hub.checkpoint_path(args.size)
+    record = {"command": "download", "cache_dir": str(hub.cache_dir()), **{k: str(v) for k, v in files.items()}}
+    return record, [f"{name}: {path}" for name, path in files.items()]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unified-io")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _cmd_info(args: argparse.Namespace) -> Outcome:
+    """``uio info``: versions, device, cache folder and what it holds."""
+    import platform
+
+    import torch
+
+    from . import hub
+    from .runner import default_device
+
+    root = hub.cache_dir()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    record = {"command": "info", "version": _version(), "python": platform.python_version(),
+              "torch": torch.__version__, "device": default_device(), "gpu": gpu, "cache_dir": str(root),
+              "offline": hub.is_offline(),
+              "cached_files": [{"path": str(p), "bytes": p.stat().st_size} for p in files]}
+    lines = [f"unified-io {record['version']} (Python {record['python']}, torch {record['torch']})",
+             f"device: {record['device']}" + (f" ({gpu})" if gpu else ""),
+             f"cache: {root}" + (" (offline)" if record["offline"] else ""),
+             *(f"  {p.relative_to(root)}  {_bytes(p.stat().st_size)}" for p in files)]
+    if not files:
+        lines.append("  (empty)")
+    return record, lines
+
+
+# ---- the parser ----------------------------------------------------------------------------------
+
+def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Parent parsers: ``--json`` (every sub-command) and the model options (those that run it)."""
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    model = argparse.ArgumentParser(add_help=False)
+    group = model.add_argument_group("model options")
+    group.add_argument("--model", metavar="SIZE|CONFIG", help="small, base, large, xl or a config JSON "
+                       "(default: small, or the config stored in a converted --weights file)")
+    group.add_argument("--weights", metavar="PATH", help=".bin or .safetensors checkpoint "
+                       "(default: the released one, downloaded into the cache)")
+    group.add_argument("--tokenizer", metavar="PATH", help="spiece.model (default: t5-base's, from the cache)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    group.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="transformer precision (default fp32)")
+    group.add_argument("--num-decodes", type=_positive_int, metavar="N",
+                       help="return N beams/samples, best first (default: one)")
+    search = group.add_mutually_exclusive_group()
+    search.add_argument("--beam-search", dest="beam_search", action="store_const", const=True,
+                        help="decode with beam search (default for text outputs)")
+    search.add_argument("--sample", dest="beam_search", action="store_const", const=False,
+                        help="decode by top-p sampling (default for image outputs and pose)")
+    group.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    return base, model
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="image to write (default: <image name>-<command>.png in the current folder)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``uio`` parser with every sub-command; each sets ``handler``."""
+    parser = _Parser(prog="uio", description="Run Unified-IO from the command line.",
+                     epilog="Exit status: 0 ok, 1 failure (checkpoint, download, model), 2 bad usage or input.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    base, model = _common_parsers()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in TASK_COMMANDS:
+        p = sub.add_parser(command.name, parents=[base, model], help=command.help, description=command.help + ".")
+        for arg in command.args:
+            _add_arg(p, arg)
+        if command.output in SPATIAL_OUTPUTS:
+            _add_output(p)
+        p.set_defaults(handler=_task_handler(command))
+    p = sub.add_parser("run", parents=[base, model], help="run any prompt (IMAGE - for none)",
+                       description="Run the model on an arbitrary prompt.")
+    p.add_argument("image", metavar="IMAGE|-", help="input image file, or - for a text-only prompt")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--image-output", action="store_true", help="generate an image (saved with -o)")
+    p.add_argument("--text-len", type=_text_len, metavar="N",
+                   help=f"output text length, 1..{MAX_TEXT_LEN} (default 32; 1 with --image-output)")
+    p.add_argument("--options", type=_comma_list, metavar="A,B,...", help=OPTIONS.help)
+    _add_output(p)
+    p.set_defaults(handler=_cmd_run)
+    p = sub.add_parser("demo", parents=[base, model], help=f"answer '{DEMO_QUESTION}' about a bundled picture",
+                       description="The original README's example: VQA on a bundled living-room picture.")
+    p.set_defaults(handler=_cmd_demo)
+    p = sub.add_parser("convert", parents=[base], help="convert a checkpoint to .safetensors",
+                       description="Validate a checkpoint and write it as .safetensors, with its config "
+                                   "as DST.json beside it.")
+    p.add_argument("src", metavar="SRC", help="released .bin (or a .safetensors)")
+    p.add_argument("dst", metavar="DST", help="output .safetensors")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast to this dtype (default: keep the source's)")
+    p.add_argument("--model", metavar="SIZE|CONFIG", help="size or config JSON (default: inferred from SRC)")
+    p.set_defaults(handler=_cmd_convert)
+    p = sub.add_parser("download", parents=[base], help="download a checkpoint and the vocabulary into the cache")
+    p.add_argument("size", nargs="?", default="small", choices=MODEL_SIZES, metavar="SIZE",
+                   help=f"one of {', '.join(MODEL_SIZES)} (default small)")
+    p.add_argument("--tokenizer-only", action="store_true", help="only the t5-base vocabulary")
+    p.set_defaults(handler=_cmd_download)
+    p = sub.add_parser("info", parents=[base], help="show versions, device and the cache")
+    p.set_defaults(handler=_cmd_info)
+    return parser
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+def _json_default(value: Any) -> Any:
+    """Make numpy values and paths JSON-serializable."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialize {type(value).__name__} as JSON")
+
+
+def _error(prog: str, err: BaseException) -> None:
+    """Print ``prog: error: message`` on stderr; over-long lines are cut."""
+    lines = [line if len(line) <= _MAX_ERROR_LINE else line[:_MAX_ERROR_LINE] + " ..."
+             for line in (str(err) or type(err).__name__).splitlines()]
+    print(f"{prog}: error: " + "\n".join(lines), file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``uio`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        record, lines = args.handler(args)
+    except SystemExit as exit_:  # --help, --version
+        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    except UsageError as err:
+        _error(err.prog or f"uio {args.command}", err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("uio: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:  # CheckpointError, hub errors, model errors
+        _error("uio", err)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(record, default=_json_default))
+    else:
+        print("\n".join(lines))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
