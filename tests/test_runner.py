@@ -155,3 +155,34 @@ def test_sampling_is_deterministic_per_seed(runner, test_image):
 def test_bad_input_raises_clear_errors(runner, test_image, bad_call, message):
     with pytest.raises(ValueError, match=message):
         bad_call(runner, test_image)
+
+
+def make_runner(conformance, **kwargs):
+    from uio.runner import ModelRunner
+
+    return ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
+                       tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False, device="cpu", **kwargs)
+
+
+def test_compiled_runner_matches_eager(conformance, runner, test_image):
+    """``compiled=True`` pads prompts to a fixed length and replays compiled graphs: same answer."""
+    compiled = make_runner(conformance, compiled=True)
+    assert compiled.pad_to_max
+    for _ in range(2):  # compile, then replay
+        out = compiled.run([test_image], ["what is on the left ?"], output_text_len=6)
+    ref = runner.run([test_image], ["what is on the left ?"], output_text_len=6)
+    np.testing.assert_array_equal(out["text_tokens"], ref["text_tokens"])
+    np.testing.assert_allclose(out["score"], ref["score"], atol=1e-3)
+
+
+def test_bf16_runner_runs_every_output_kind(conformance, test_image):
+    """bf16 weights (VQGAN too): outputs have the documented types and ranges."""
+    bf16 = make_runner(conformance, dtype="bf16")
+    assert bf16.model.token_embedder.weight.dtype == bf16.model.discrete_vae.quantize.weight.dtype
+    depth = bf16.depth(test_image, beam_search=True)
+    assert depth["image"].dtype == np.float32 and 0 <= depth["image"].min() <= depth["image"].max() <= 1
+    assert depth["rescaled_image"].shape == test_image.shape
+    assert isinstance(bf16.caption(test_image)["text"], str)
+    scores = bf16.run([test_image], ["what ?"], output_text_len=1, generate_image=True,
+                      answer_options=[test_image, test_image[::2]])["all_scores"]
+    assert scores.shape == (1, 1, 2) and np.isfinite(scores).all()

@@ -197,8 +197,8 @@ def expected_params(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], 
     """The flax paths, shapes and dtypes a checkpoint for ``model`` must hold (works on ``meta``)."""
     spec = {}
     for module_name, module in model.named_modules():
-        kind = {torch.nn.Linear: "kernel", torch.nn.Conv2d: "kernel", torch.nn.Embedding: "embedding"}.get(
-            type(module), "scale")
+        kind = ("kernel" if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+                else "embedding" if isinstance(module, torch.nn.Embedding) else "scale")
         for name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{name}" if module_name else name
             shape = tuple(param.shape)

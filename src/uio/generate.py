@@ -71,10 +71,11 @@ def beam_search(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_le
         top_scores, top_index = log_probs.view(batch, -1).topk(num_beams, dim=1)
         # Worst-first within each example, as the reference keeps its live beams.
         beam_scores, top_index = top_scores.flip(1), top_index.flip(1)
-        rows = (row_base + torch.div(top_index, vocab, rounding_mode="floor")).view(-1)
-        sequences = sequences.index_select(0, rows)
+        if num_beams > 1:  # with one beam every row keeps its own history: nothing to reorder
+            rows = (row_base + torch.div(top_index, vocab, rounding_mode="floor")).view(-1)
+            sequences = sequences.index_select(0, rows)
+            decoder.cache.reorder(rows)
         sequences[:, step + 1] = (top_index % vocab).view(-1) + offset
-        decoder.cache.reorder(rows)
     return Generation(sequences[:, 1:].view(batch, num_beams, length), beam_scores)
 
 
@@ -177,10 +178,3 @@ def score_image_options(model: UnifiedIO, enc: EncoderOutput, option_codes: Tens
                                      masks.repeat(batch, 1), average_loss).view(batch, n))
     return torch.cat(losses, dim=1)
 
-
-def enable_compile(model: UnifiedIO) -> None:
-    """Compile the encoder and decoder layers with ``torch.compile`` (dynamic shapes: prompts and
-    the growing self-attention cache change length from call to call and step to step)."""
-    model.encoder.compile(dynamic=True)
-    for layer in model.decoder.layers:
-        layer.compile(dynamic=True)

@@ -371,6 +371,7 @@ class UnifiedIO(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.discrete_vae = VQGAN(vae_cfg)
+        self.compiled_step: Callable | None = None  # see enable_compile
 
     def fuse_projections(self) -> None:
         """Fuse each attention's q/k/v and each MLP's input projections into single matmuls.
@@ -381,6 +382,18 @@ class UnifiedIO(nn.Module):
         for module in self.modules():
             if isinstance(module, (Attention, MlpBlock)):
                 module.fuse()
+
+    def enable_compile(self) -> None:
+        """Use ``torch.compile`` for the encoder and for the decoder step, whose shapes are fixed
+        for a whole generation: one graph per batch size and output length (and prompt length for
+        the encoder, which is why the runner then pads prompts to a fixed length), compiled on
+        first use (tens of seconds on a CPU), then replayed. Weights are frozen into the graphs
+        (inductor's ``freezing``), which lets the CPU backend prepack them."""
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        self.encoder.compile(dynamic=False)
+        self.compiled_step = torch.compile(_decode_step, dynamic=False)
 
     def encode(self, tokens: Tensor, images: Tensor, text_mask: Tensor | None = None,
                image_mask: Tensor | None = None) -> EncoderOutput:
@@ -421,6 +434,8 @@ class DecoderCache:
     Holds each layer's self-attention keys/values, the cross-attention keys/values projected once,
     the position-bias table for the whole output, and which cached keys are still attendable
     (the reference masks a sequence's keys from the step whose input follows an EOS onwards).
+    Every step sees tensors of the same shapes (keys not yet written are masked), so a step can
+    be compiled once and replayed.
     """
 
     def __init__(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int):
@@ -435,6 +450,7 @@ class DecoderCache:
         self.cross_bias = mask_bias(torch.ones_like(enc.mask[:, :1]), enc.mask)
         self.self_bias = dec.self_bias(text_length, image_length, device)
         self.positions = dec.position_ids(text_length, image_length, device)
+        self.step_index = torch.arange(self.length, device=device)
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` (beam search); cross-attention state is shared by an example's beams."""
@@ -450,21 +466,29 @@ def decode_step(model: "UnifiedIO", cache: DecoderCache, tokens: Tensor, step: i
     the vocabulary part allowed at this step (text ids before ``text_length``, image ids from
     it on, offset by ``vocab_size``): the other part is masked to -1e10 by the reference anyway.
     """
+    step_fn = model.compiled_step or _decode_step
+    return step_fn(model, cache.keys, cache.values, cache.key_valid, cache.cross_kv, cache.cross_bias,
+                   cache.self_bias, cache.positions, cache.step_index[step:step + 1], tokens, valid,
+                   step >= cache.text_length)
+
+
+def _decode_step(model: "UnifiedIO", keys: list[Tensor], values: list[Tensor], key_valid: Tensor, cross_kv: list,
+                 cross_bias: Tensor, self_bias: Tensor, positions: Tensor, index: Tensor, tokens: Tensor,
+                 valid: Tensor, is_image: bool) -> Tensor:
+    """:func:`decode_step` on tensors of fixed shapes (``index`` is the 1-element step tensor)."""
     dec, cfg = model.decoder, model.cfg
-    is_image = step >= cache.text_length
     segment = torch.full((1,), int(is_image), dtype=torch.long, device=tokens.device)
-    y = dec.embed(tokens[:, None], model.token_embedder, cache.positions[step:step + 1], segment)
-    cache.key_valid[:, step] = valid
-    keys_valid = cache.key_valid[:, :step + 1]
-    bias = torch.where(keys_valid[:, None, None, :], 0.0, MASK_VALUE) + cache.self_bias[None, :, step:step + 1,
-                                                                                        :step + 1]
+    y = dec.embed(tokens[:, None], model.token_embedder, positions.index_select(0, index), segment)
+    key_valid.index_copy_(1, index, valid[:, None])
+    attendable = key_valid & (torch.arange(key_valid.shape[1], device=index.device) <= index)
+    bias = torch.where(attendable[:, None, None, :], 0.0, MASK_VALUE) + self_bias.index_select(1, index)[None]
 
     def self_qkv(i: int, attn: Attention, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = attn.project(h, "qkv")
-        cache.keys[i][:, :, step:step + 1] = k
-        cache.values[i][:, :, step:step + 1] = v
-        return q, cache.keys[i][:, :, :step + 1], cache.values[i][:, :, :step + 1]
+        keys[i].index_copy_(2, index, k)
+        values[i].index_copy_(2, index, v)
+        return q, keys[i], values[i]
 
-    hidden = dec.run_layers(y, self_qkv, bias, cache.cross_kv, cache.cross_bias)[:, 0]
+    hidden = dec.run_layers(y, self_qkv, bias, cross_kv, cross_bias)[:, 0]
     rows = slice(cfg.vocab_size, None) if is_image else slice(0, cfg.vocab_size)
     return logits_from_hidden(hidden, model.token_embedder, rows)
