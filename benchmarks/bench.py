@@ -68,7 +68,9 @@ def measure_hardware(dtype: torch.dtype) -> dict:
     conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dtype).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         conv_rate = 2 * 256 * 256 * 9 * 64 * 64 / best_time(lambda: conv(x))
-    w, v = torch.randn(16384, 4096, dtype=dtype), torch.randn(1, 4096, dtype=dtype)
+    # Streaming bytes is what bounds a decoding step, whatever their dtype: measured with fp32,
+    # whose CPU matrix-vector kernel is the fastest here.
+    w, v = torch.randn(16384, 4096), torch.randn(1, 4096)
     bandwidth = w.numel() * w.element_size() / best_time(lambda: v @ w.t())
     return {"matmul": matmul, "conv": conv_rate, "bandwidth": bandwidth}
 
@@ -130,11 +132,21 @@ def tokenizer_source() -> Path:
         sys.exit("no tokenizer: run `uio download --tokenizer-only` or provide ../shared/conformance")
 
 
-def timed_load(size: str, path: Path, tokenizer: Path, dtype: str) -> tuple[ModelRunner, float, float]:
-    reset_peak_rss()
-    start = time.perf_counter()
-    runner = ModelRunner(size, path, tokenizer=tokenizer, dtype=dtype, device="cpu", log_inputs=False)
-    return runner, time.perf_counter() - start, peak_rss_gib()
+def make_runner(size: str, path: Path, tokenizer: Path, dtype: str, compiled: bool) -> ModelRunner:
+    return ModelRunner(size, path, tokenizer=tokenizer, dtype=dtype, device="cpu", log_inputs=False,
+                       compiled=compiled)
+
+
+def load_in_fresh_process(size: str, path: Path) -> tuple[float, float]:
+    """(seconds, peak RSS GiB) of ``build_model`` in a new interpreter, so no earlier load or
+    import warms it up (the file itself is in the page cache, having just been written)."""
+    import subprocess
+
+    code = (f"import time, bench; from uio.runner import build_model; t = time.perf_counter(); "
+            f"build_model({size!r}, {str(path)!r}); print(time.perf_counter() - t, bench.peak_rss_gib())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent).stdout.split()
+    return float(out[0]), float(out[1])
 
 
 def time_call(fn, runs: int) -> tuple[float, float, float]:
@@ -154,10 +166,12 @@ def time_call(fn, runs: int) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=list(CONFIGS))
-    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "fp32+compile", "bf16+compile"],
+                        help="dtype, with +compile for ModelRunner(compiled=True)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--no-load", action="store_true", help="skip timing checkpoint loads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.size]
@@ -169,19 +183,20 @@ def main() -> None:
         st_path = Path(tmp) / f"{args.size}.safetensors"
         checkpoint.write_safetensors(checkpoint.read_bin(bin_path), st_path)
         tokenizer = tokenizer_source()
-        for path in (bin_path, st_path):
-            _, seconds, peak = timed_load(args.size, path, tokenizer, "fp32")
+        for path in () if args.no_load else (bin_path, st_path):
+            seconds, peak = load_in_fresh_process(args.size, path)
             rows.append((f"load {path.suffix}", 1, "fp32", seconds, seconds, float("nan"), peak))
-        for dtype_name in args.dtype:
+        for mode in args.modes:
+            dtype_name, compiled = mode.split("+")[0], mode.endswith("+compile")
             dtype = resolve_dtype(dtype_name)
             hw = measure_hardware(dtype)
-            runner, _, _ = timed_load(args.size, st_path, tokenizer, dtype_name)
+            runner = make_runner(args.size, st_path, tokenizer, dtype_name, compiled)
             prompt_len = runner.tokenizer(["what color is the sofa ?"]).shape[1]
             esize = torch.finfo(dtype).bits // 8
             enc = encoder_flops(cfg, prompt_len, 1) / hw["matmul"]
             text_step = step_bytes(cfg, False, esize) / hw["bandwidth"]
             image_step = step_bytes(cfg, True, esize) / hw["bandwidth"]
-            vq = vqgan_flops(runner.model.discrete_vae) / measure_hardware(torch.float32)["conv"]
+            vq = vqgan_flops(runner.model.discrete_vae) / hw["conv"]
             depth_floor = enc + text_step + 256 * image_step + vq
             calls = {
                 "vqa": (lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
@@ -191,14 +206,14 @@ def main() -> None:
             }
             for name, (fn, floor) in calls.items():
                 first, median, peak = time_call(fn, args.runs)
-                rows.append((name, 1, dtype_name, first, median, floor, peak))
+                rows.append((name, 1, mode, first, median, floor, peak))
             for batch in args.batches:
                 prompt = ["what color is the sofa ?"] * batch
                 fn = lambda b=batch: runner.run([image] * b, prompt[:b], output_text_len=32)  # noqa: E731
                 floor = encoder_flops(cfg, prompt_len, batch) / hw["matmul"] + 33 * text_step
                 first, median, peak = time_call(fn, args.runs)
-                rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, dtype_name, first, median, floor, peak))
-            print(f"# {dtype_name}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "
+                rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, mode, first, median, floor, peak))
+            print(f"# {mode}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "
                   f"weight streaming {hw['bandwidth'] / 1e9:.1f} GB/s", file=sys.stderr)
     print_table(rows, args)
 
@@ -206,7 +221,7 @@ def main() -> None:
 def print_table(rows, args) -> None:
     print(f"\nUnified-IO {args.size}, random weights, CPU, {args.threads} threads, torch {torch.__version__}, "
           f"median of {args.runs} runs after one warm-up\n")
-    print("| call | batch | dtype | first s | median s | floor s | ratio | peak RSS GiB |")
+    print("| call | batch | mode | first s | median s | floor s | ratio | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch, dtype, first, median, floor, peak in rows:
         ratio = "" if math.isnan(floor) else f"{median / floor:.2f}"

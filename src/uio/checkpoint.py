@@ -240,7 +240,8 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
     Each leaf is converted one at a time (layout, dtype, device), so peak memory stays at about
     one copy of the weights beyond what ``params`` itself holds (nothing for a memory map).
     """
-    validate(params, expected_params(model), name)
+    specs = params.specs() if isinstance(params, SafetensorsLeaves) else params
+    validate(specs, expected_params(model), name)
     state = {}
     with warnings.catch_warnings():
         # The memory-mapped leaves are read-only; they are copied right away, never written.
@@ -253,15 +254,41 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
     return model
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a converted checkpoint (flax paths as keys, original layout), memory-mapped."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I32": "int32",
+                       "I64": "int64"}
 
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+
+class SafetensorsLeaves(Mapping):
+    """The leaves of a converted checkpoint, each read from the file only when accessed, so that
+    loading holds one tensor at a time besides the model."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self._file = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shapes and dtypes of every leaf, read from the header alone."""
+        specs = {}
+        for key in self._keys:
+            leaf = self._file.get_slice(key)
+            specs[key] = tuple(leaf.get_shape()), _SAFETENSORS_DTYPES.get(leaf.get_dtype(), leaf.get_dtype())
+        return specs
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Mapping[str, np.ndarray | torch.Tensor]:
@@ -269,7 +296,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> Mapping[str, np.ndarray | t
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    return read_safetensors(path) if path.suffix == ".safetensors" else read_bin(path)
+    return SafetensorsLeaves(path) if path.suffix == ".safetensors" else read_bin(path)
 
 
 def write_safetensors(params: Mapping[str, np.ndarray | torch.Tensor], path: str | os.PathLike,

@@ -389,9 +389,12 @@ class UnifiedIO(nn.Module):
         the encoder, which is why the runner then pads prompts to a fixed length), compiled on
         first use (tens of seconds on a CPU), then replayed. Weights are frozen into the graphs
         (inductor's ``freezing``), which lets the CPU backend prepack them."""
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
+        # Each batch size and output length is its own graph; keep them all rather than 8.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self.encoder.compile(dynamic=False)
         self.compiled_step = torch.compile(_decode_step, dynamic=False)
 
