@@ -26,7 +26,7 @@ import torch
 from uio import checkpoint
 from uio.config import CONFIGS, VAE_CONFIG
 from uio.model.transformer import UnifiedIO
-from uio.runner import DEPTH_PROMPT, ModelRunner, resolve_dtype
+from uio.runner import ModelRunner, resolve_dtype
 
 CONFORMANCE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/conformance/tokenizer/spiece.model"
 

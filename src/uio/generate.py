@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model.transformer import DecoderCache, EncoderOutput, UnifiedIO, decode_step  # noqa: F401
+from .model.transformer import DecoderCache, EncoderOutput, UnifiedIO, decode_step
 
 BOS, EOS = 0, 1
 BEAM_NEG_INF = -1.0e7  # the reference's NEG_INF for dead beams and filtered logits
