@@ -172,7 +172,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--no-load", action="store_true", help="skip timing checkpoint loads")
+    parser.add_argument("--load-only", nargs="+", metavar="SIZE", choices=list(CONFIGS),
+                        help="only time loading random checkpoints of these sizes (peak RSS vs weight bytes)")
     args = parser.parse_args()
+    if args.load_only:
+        return print_load_table(args.load_only)
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.size]
     rng = np.random.default_rng(0)
@@ -216,6 +220,18 @@ def main() -> None:
             print(f"# {mode}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "
                   f"weight streaming {hw['bandwidth'] / 1e9:.1f} GB/s", file=sys.stderr)
     print_table(rows, args)
+
+
+def print_load_table(sizes: list[str]) -> None:
+    """Load time and peak RSS of each size's ``.bin`` in a fresh interpreter, against its weight bytes."""
+    print("| size | fp32 weight GiB | load s | peak RSS GiB | peak - weights GiB |")
+    print("|---|---|---|---|---|")
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_random_checkpoint(size, Path(tmp))
+            weights = path.stat().st_size / 2 ** 30
+            seconds, peak = load_in_fresh_process(size, path)
+        print(f"| {size} | {weights:.2f} | {seconds:.2f} | {peak:.2f} | {peak - weights:.2f} |", flush=True)
 
 
 def print_table(rows, args) -> None:

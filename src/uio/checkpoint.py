@@ -138,10 +138,29 @@ def read_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     reader = _Reader(buf, str(path))
-    params = dict(reader.leaves())
+    params = BinLeaves(reader.leaves(), buf)
     if reader.pos != len(buf):
         raise CheckpointError(f"{path}: {len(buf) - reader.pos} unexpected bytes after the parameter tree")
     return params
+
+
+class BinLeaves(dict):
+    """:func:`read_bin`'s result: leaves that are views of one memory map of the file."""
+
+    def __init__(self, leaves, buf: mmap.mmap):
+        super().__init__(leaves)
+        self._buf = buf
+        self._base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+
+    def release(self, path: str) -> None:
+        """Drop the pages of leaf ``path`` from this process's memory once it has been copied
+        (they stay in the OS page cache), so loading does not hold the file and the model at once."""
+        leaf = self[path]
+        start = leaf.ctypes.data - self._base
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + leaf.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and hasattr(self._buf, "madvise"):
+            self._buf.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def write_bin(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -247,9 +266,12 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
         # The memory-mapped leaves are read-only; they are copied right away, never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for path, leaf in params.items():
-            tensor = leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(leaf)
-            tensor = to_torch_layout(path, tensor).contiguous()
-            state[torch_key(path)] = tensor.to(device=device, dtype=dtype or torch.float32, copy=True)
+            tensor = to_torch_layout(path, leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(leaf))
+            # One allocation per leaf: a second, freed one would stay in the allocator's heap.
+            state[torch_key(path)] = tensor.to(device=device, dtype=dtype or torch.float32,
+                                               memory_format=torch.contiguous_format, copy=True)
+            if isinstance(params, BinLeaves):
+                params.release(path)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
