@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from uio import generate
-from uio.runner import build_model, resolve_dtype
+from uio.runner import build_model, resolve_dtype, to_unit_range
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 
@@ -64,7 +64,7 @@ def main() -> None:
         text = generate_case(model, g, "text/", 32, 1, dtype).tokens.numpy()
         image = generate_case(model, g, "image/", 1, 256, dtype).tokens[..., 1:].numpy() - 33152
         with torch.inference_mode():
-            pixels = ((model.discrete_vae.decode_codes(torch.from_numpy(image[:, 0])) + 1) / 2).clamp(0, 1)
+            pixels = to_unit_range(model.discrete_vae.decode_codes(torch.from_numpy(image[:, 0])))
         text_agree = float(np.mean(text == g["text/nd1/text_tokens"]))
         image_agree = float(np.mean(image == g["image/image_tokens"]))
         quality = psnr(pixels.numpy(), g["image/image"][:, 0])

@@ -37,19 +37,18 @@ class _Decoder:
         self.start_token = model.cfg.vocab_size - 1
 
     def logits(self, sequences: Tensor, step: int) -> tuple[Tensor, int]:
-        """Log-probabilities for the next token of each row of ``sequences`` (N, length+1) at ``step``.
+        """Logits for the next token of each row of ``sequences`` (N, length+1) at ``step``.
 
         Returns (logits over the allowed vocabulary part, the id offset of that part).
         """
         tokens = sequences[:, step]
-        if step == self.text_length:
-            tokens = torch.full_like(tokens, self.start_token)
         if step < self.text_length:
             valid = ~(sequences[:, :step + 1] == EOS).any(dim=1)
-        else:
-            valid = torch.ones_like(tokens, dtype=torch.bool)
-        offset = self.model.cfg.vocab_size if step >= self.text_length else 0
-        return decode_step(self.model, self.cache, tokens, step, valid), offset
+            return decode_step(self.model, self.cache, tokens, step, valid), 0
+        if step == self.text_length:
+            tokens = torch.full_like(tokens, self.start_token)
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        return decode_step(self.model, self.cache, tokens, step, valid), self.model.cfg.vocab_size
 
 
 @torch.inference_mode()

@@ -42,6 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Model-space images in [-1, 1] -> float32 images in [0, 1] (clipped)."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
 def default_device() -> str:
     """CUDA when available, else CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,28 +189,28 @@ class ModelRunner:
         """VQGAN codes (..., 256) -> images (..., 256, 256, 3) in [0, 1]."""
         with torch.inference_mode():
             images = self.model.discrete_vae.decode_codes(codes.reshape(-1, codes.shape[-1]))
-        return ((images.float() + 1) / 2).clamp(0, 1).reshape(*codes.shape[:-1], *images.shape[1:])
+        return to_unit_range(images).reshape(*codes.shape[:-1], *images.shape[1:])
 
     def _answer_options(self, enc, answer_options, average_loss: bool) -> dict:
+        """Score every option; return the best one (lowest loss) per example, as the original does."""
         if isinstance(answer_options[0], str):
             options = self.tokenizer(list(answer_options), max_length=self.max_input_len, truncation=True,
                                      padding="longest")
             options = torch.from_numpy(options).long().to(self.device)
             losses = generate.score_text_options(self.model, enc, options, self.max_options, average_loss)
-            best = losses.argmin(dim=1)
-            return {"text_tokens": options[best][:, None], "scores": losses.gather(1, best[:, None]),
-                    "all_scores": losses[:, None]}
-        if isinstance(answer_options[0], np.ndarray):
+            key = "text_tokens"
+        elif isinstance(answer_options[0], np.ndarray):
             prepared = [processing.preprocess_target_image(option) for option in answer_options]
             images = torch.from_numpy(np.stack([p[0] for p in prepared]).astype(np.float32)).to(self.device)
             masks = torch.from_numpy(np.stack([p[1] for p in prepared])).long().to(self.device)
             with torch.inference_mode():
                 codes = self.model.discrete_vae.encode_to_codes(images)
             losses = generate.score_image_options(self.model, enc, codes, masks, self.max_options, average_loss)
-            best = losses.argmin(dim=1)
-            return {"image": ((images[best] + 1) / 2).clamp(0, 1)[:, None], "scores": losses.gather(1, best[:, None]),
-                    "all_scores": losses[:, None]}
-        raise ValueError("answer_options must be a list of strings or a list of HxWx3 image arrays")
+            key, options = "image", to_unit_range(images)
+        else:
+            raise ValueError("answer_options must be a list of strings or a list of HxWx3 image arrays")
+        best = losses.argmin(dim=1)
+        return {key: options[best][:, None], "scores": losses.gather(1, best[:, None]), "all_scores": losses[:, None]}
 
     def _format(self, out: dict, output_text_len: int, generate_image: bool, num_decodes: int | None) -> dict:
         """Shape the outputs as the original runner does (numpy arrays, text cut at the first EOS)."""
