@@ -58,6 +58,20 @@ def test_top_p_keeps_the_nucleus():
     assert kept.tolist() == [[True, True, True, False]]
 
 
+def test_draw_follows_the_distribution_and_never_picks_filtered_ids():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = torch.log(probs).clamp(min=generate.BEAM_NEG_INF).expand(40000, 4)
+    drawn = generate._draw(logits, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4) / drawn.numel()
+    np.testing.assert_allclose(frequencies.numpy(), probs.numpy(), atol=0.01)
+    assert frequencies[3] == 0
+
+
+def test_sorted_descending_matches_torch_sort():
+    logits = torch.randn(3, 1000)
+    assert torch.equal(generate._sorted_descending(logits), logits.sort(dim=-1, descending=True).values)
+
+
 def test_sampling_with_tiny_top_p_is_greedy(tiny_model, golden):
     g = golden("generation.npz")
     enc = encode(tiny_model, g, "text/")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,13 +79,28 @@ def beam_search(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_le
     return Generation(sequences[:, 1:].view(batch, num_beams, length), beam_scores)
 
 
+def _sorted_descending(logits: Tensor) -> Tensor:
+    """Each row's values, largest first. On the CPU numpy's vectorised sort is about 20x faster
+    than torch's for a row of 16k logits (a top-p step's largest cost otherwise)."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(np.sort(logits.numpy(), axis=-1)[..., ::-1]))
+    return logits.sort(dim=-1, descending=True).values
+
+
 def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of highest logits whose probabilities sum to at least ``top_p``."""
-    sorted_logits = logits.sort(dim=-1, descending=True).values
+    sorted_logits = _sorted_descending(logits)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     cutoff_index = (cumulative < top_p).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
     cutoff = sorted_logits.gather(-1, cutoff_index)
     return logits.masked_fill(logits < cutoff, BEAM_NEG_INF)
+
+
+def _draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One id per row, with probability softmax(logits): the Gumbel-max trick, which needs one
+    uniform draw per logit and no normalisation (cheaper than torch.multinomial on the CPU)."""
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return (logits - (-uniform.log()).log()).argmax(dim=-1)
 
 
 @torch.inference_mode()
@@ -101,8 +117,7 @@ def sample(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length:
         logits, offset = decoder.logits(sequences, step)
         if top_p:
             logits = _top_p_filter(logits, top_p)
-        probs = torch.softmax(logits / (temperature + 1e-7), dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        token = _draw(logits / (temperature + 1e-7), generator)
         scores += F.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0]
         sequences[:, step + 1] = token + offset
     scores = scores.view(batch, num_samples)

@@ -7,7 +7,6 @@ norms are T5 RMS norms computed in float32; the MLP is gated GELU (tanh approxim
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +21,7 @@ MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
 TEXT_BUCKETS, TEXT_MAX_DISTANCE = 32, 128
 IMAGE_BUCKETS, IMAGE_MAX_DISTANCE = 8, 20
 DECODER_IMAGE_WIDTH = 16  # the decoder's 256 image tokens form a 16x16 grid
+SMALL_NORM_ELEMENTS = 1 << 16  # up to this size RMSNorm uses layer_norm's single CPU kernel
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +33,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+        x32, weight = x.float(), self.weight.float()
+        dim = x.shape[-1]
+        if x.device.type != "cpu" or x.numel() > SMALL_NORM_ELEMENTS:
+            return F.rms_norm(x32, weight.shape, weight, self.eps).to(x.dtype)
+        # torch's CPU rms_norm runs as ~8 kernels, layer_norm as one; over [x, -x] (mean 0, mean
+        # square = mean(x^2)) layer_norm computes x / rms(x). Kernel launches are what a decoding
+        # step's 25 norms cost; on large inputs the extra copy would cost more than it saves.
+        normed = F.layer_norm(torch.cat([x32, -x32], dim=-1), (2 * dim,), eps=self.eps)[..., :dim]
+        return (normed * weight).to(x.dtype)
+
+
+def add_linear(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
+    """``residual + linear(x)`` as one fused multiply-add (fewer kernels per decoding step)."""
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+    return out.view(residual.shape)
 
 
 def fuse_weights(linears: list[nn.Linear]) -> Tensor:
@@ -59,12 +73,13 @@ class MlpBlock(nn.Module):
         """Compute wi_0 and wi_1 with one matmul from now on."""
         self.fused_wi = fuse_weights([self.wi_0, self.wi_1])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual`` + the block's output for ``x``."""
         if self.fused_wi is None:
             gate, up = self.wi_0(x), self.wi_1(x)
         else:
             gate, up = F.linear(x, self.fused_wi).chunk(2, dim=-1)
-        return self.wo(F.gelu(gate, approximate="tanh") * up)
+        return add_linear(residual, F.gelu(gate, approximate="tanh") * up, self.wo)
 
 
 class Attention(nn.Module):
@@ -85,32 +100,24 @@ class Attention(nn.Module):
         """Compute the query/key/value projections with one matmul from now on."""
         self.fused_qkv = fuse_weights([self.query, self.key, self.value])
 
-    def split_heads(self, x: Tensor) -> Tensor:
-        """(B, L, H*D) -> (B, H, L, D)."""
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-
-    def project(self, x: Tensor, which: str) -> list[Tensor]:
-        """Project ``x`` into heads for each of ``which`` (``"qkv"``, ``"kv"`` or ``"q"``)."""
+    def project(self, x: Tensor, which: str) -> tuple[Tensor, ...]:
+        """Project ``x`` (B, L, dim) into heads (B, H, L, D) for each of ``which`` ("qkv", "kv" or "q")."""
         first, last = "qkv".index(which[0]), "qkv".index(which[-1]) + 1
         if self.fused_qkv is None:
-            outputs = [m(x) for m in (self.query, self.key, self.value)[first:last]]
+            y = torch.cat([m(x) for m in (self.query, self.key, self.value)[first:last]], dim=-1)
         else:
             inner = self.num_heads * self.head_dim
-            outputs = F.linear(x, self.fused_qkv[first * inner:last * inner]).split(inner, dim=-1)
-        return [self.split_heads(y) for y in outputs]
+            y = F.linear(x, self.fused_qkv[first * inner:last * inner])
+        return y.unflatten(-1, (last - first, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """q (B,H,Lq,D), k/v (B,H,Lk,D), bias broadcastable to (B,H,Lq,Lk) -> (B, Lq, dim)."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
+        """q (B,H,Lq,D), k/v (B,H,Lk,D), bias broadcastable to (B,H,Lq,Lk) -> residual + output (B, Lq, dim)."""
         if q.shape[2] == 1:
             # One decoding step: plain matmuls beat the fused kernel's setup cost on a cache slice.
             x = torch.softmax(q @ k.transpose(2, 3) + bias.to(q.dtype), dim=-1) @ v
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
-        return self.out(x.transpose(1, 2).flatten(2))
-
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        """Self-attention of ``x``."""
-        return self.attend(*self.project(x, "qkv"), bias)
+        return add_linear(residual, x.transpose(1, 2).flatten(2), self.out)
 
 
 def mask_bias(query_valid: Tensor, key_valid: Tensor) -> Tensor:
@@ -192,8 +199,8 @@ class EncoderLayer(nn.Module):
         self.mlp = MlpBlock(cfg.emb_dim, cfg.mlp_dim)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        x = x + self.attention(self.pre_attention_layer_norm(x), bias)
-        return x + self.mlp(self.pre_mlp_layer_norm(x))
+        x = self.attention.attend(*self.attention.project(self.pre_attention_layer_norm(x), "qkv"), bias, x)
+        return self.mlp(self.pre_mlp_layer_norm(x), x)
 
 
 @dataclass
@@ -289,15 +296,19 @@ class DecoderLayer(nn.Module):
         self.pre_mlp_layer_norm = RMSNorm(cfg.emb_dim)
         self.mlp = MlpBlock(cfg.emb_dim, cfg.mlp_dim)
 
-    def forward(self, x: Tensor, self_qkv: Callable[[Attention, Tensor], tuple[Tensor, Tensor, Tensor]],
-                self_bias: Tensor, cross_kv: tuple[Tensor, Tensor], cross_bias: Tensor) -> Tensor:
-        """``self_qkv(attention, normed_x)`` returns the self-attention queries and the keys/values
-        to attend over (the whole sequence when teacher forcing, the cache when decoding)."""
+    def forward(self, x: Tensor, self_bias: Tensor, cross_kv: tuple[Tensor, Tensor], cross_bias: Tensor,
+                cache: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """Self-attention over ``x`` itself (teacher forcing) or, with ``cache`` = (keys, values,
+        index), over the cached keys/values after writing this step's at ``index`` (decoding)."""
         attn, cross = self.self_attention, self.encoder_decoder_attention
-        x = x + attn.attend(*self_qkv(attn, self.pre_self_attention_layer_norm(x)), self_bias)
+        q, k, v = attn.project(self.pre_self_attention_layer_norm(x), "qkv")
+        if cache is not None:
+            keys, values, index = cache
+            k, v = keys.index_copy_(2, index, k), values.index_copy_(2, index, v)
+        x = attn.attend(q, k, v, self_bias, x)
         q, = cross.project(self.pre_cross_attention_layer_norm(x), "q")
-        x = x + cross.attend(q, *cross_kv, cross_bias)
-        return x + self.mlp(self.pre_mlp_layer_norm(x))
+        x = cross.attend(q, *cross_kv, cross_bias, x)
+        return self.mlp(self.pre_mlp_layer_norm(x), x)
 
 
 class Decoder(nn.Module):
@@ -345,11 +356,11 @@ class Decoder(nn.Module):
         return [[kv.contiguous() for kv in layer.encoder_decoder_attention.project(encoded, "kv")]
                 for layer in self.layers]
 
-    def run_layers(self, y: Tensor, self_qkv_fn: Callable[[int, Attention, Tensor], tuple[Tensor, Tensor, Tensor]],
-                   self_bias: Tensor, cross_kv: list, cross_bias: Tensor) -> Tensor:
-        """Run every layer and the final norm; ``self_qkv_fn(i, attention, h)`` gives layer i's Q/K/V."""
+    def run_layers(self, y: Tensor, self_bias: Tensor, cross_kv: list, cross_bias: Tensor,
+                   caches: list[tuple[Tensor, Tensor, Tensor]] | None = None) -> Tensor:
+        """Run every layer (layer i with ``caches[i]`` when decoding) and the final norm."""
         for i, layer in enumerate(self.layers):
-            y = layer(y, functools.partial(self_qkv_fn, i), self_bias, cross_kv[i], cross_bias)
+            y = layer(y, self_bias, cross_kv[i], cross_bias, caches[i] if caches else None)
         return self.decoder_norm(y)
 
 
@@ -423,8 +434,7 @@ class UnifiedIO(nn.Module):
         causal = torch.ones(t + i, t + i, dtype=torch.bool, device=device).tril()
         self_bias = torch.where(causal, mask_bias(valid, valid), MASK_VALUE) + dec.self_bias(t, i, device)[None]
         cross_bias = mask_bias(valid, enc.mask)
-        hidden = dec.run_layers(y, lambda _, attn, h: attn.project(h, "qkv"), self_bias, dec.cross_kv(enc.hidden),
-                                cross_bias)
+        hidden = dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden), cross_bias)
         logits = logits_from_hidden(hidden, self.token_embedder)
         is_image_step = torch.arange(t + i, device=device)[:, None] >= t
         is_image_id = torch.arange(logits.shape[-1], device=device)[None, :] >= cfg.vocab_size
@@ -485,13 +495,7 @@ def _decode_step(model: "UnifiedIO", keys: list[Tensor], values: list[Tensor], k
     key_valid.index_copy_(1, index, valid[:, None])
     attendable = key_valid & (torch.arange(key_valid.shape[1], device=index.device) <= index)
     bias = torch.where(attendable[:, None, None, :], 0.0, MASK_VALUE) + self_bias.index_select(1, index)[None]
-
-    def self_qkv(i: int, attn: Attention, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = attn.project(h, "qkv")
-        keys[i].index_copy_(2, index, k)
-        values[i].index_copy_(2, index, v)
-        return q, keys[i], values[i]
-
-    hidden = dec.run_layers(y, self_qkv, bias, cross_kv, cross_bias)[:, 0]
+    caches = [(k, v, index) for k, v in zip(keys, values)]
+    hidden = dec.run_layers(y, bias, cross_kv, cross_bias, caches)[:, 0]
     rows = slice(cfg.vocab_size, None) if is_image else slice(0, cfg.vocab_size)
     return logits_from_hidden(hidden, model.token_embedder, rows)

@@ -138,7 +138,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 def _group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
                               eps: float, swish: bool = False, inplace: bool = False) -> torch.Tensor:
-    """GroupNorm (then swish, if asked) of a channels-last NCHW tensor, two-pass float32 statistics.
+    """GroupNorm (then swish, if asked) of a channels-last float32 NCHW tensor, two-pass statistics.
 
     Torch's own channels-last CPU kernel accumulates E[x^2] - E[x]^2 naively in float32, which
     loses ~1e-3 absolute where a group's mean is large against its spread; that compounds to
@@ -147,7 +147,7 @@ def _group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor
     Without autograd the work streams over the activation in row chunks of ~1 MB, so the
     temporaries (float32 copies, centred squares) stay in cache: one pass for the means, one for
     the centred variance, and one that writes ``x * scale + shift`` (and swish) - over ``x`` itself
-    with ``inplace``. Half-precision inputs are normalised in float32 and rounded once at the end.
+    with ``inplace``.
     """
     b, c, h, w = x.shape
     n = h * w
@@ -163,32 +163,22 @@ def _group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor
         y = F.silu(y) if swish else y
         return y.to(x.dtype).view(b, h, w, c).permute(0, 3, 1, 2)
 
-    f32 = x.dtype == torch.float32
     step = max(1, _GN_CHUNK_ELEMS // (b * c))
     chunks = [(i, min(i + step, n)) for i in range(0, n, step)]
-    if f32:
-        sums = tokens.sum(1)  # cascade summation: accurate, and a single streaming pass
-    else:
-        sums = torch.zeros(b, c, dtype=torch.float32, device=x.device)
-        for i, j in chunks:
-            sums += tokens[:, i:j].float().sum(1)
+    sums = tokens.sum(1)  # cascade summation: accurate, and a single streaming pass
     mean = sums.view(b, groups, per_group).sum(-1).div_(count).repeat_interleave(per_group, 1).unsqueeze(1)
     squares = torch.zeros(b, c, dtype=torch.float32, device=x.device)
     for i, j in chunks:
-        centred = torch.sub(tokens[:, i:j], mean) if f32 else tokens[:, i:j].float().sub_(mean)
+        centred = torch.sub(tokens[:, i:j], mean)
         squares += centred.square_().sum(1)
     var = squares.view(b, groups, per_group).sum(-1).div_(count)
     scale = torch.rsqrt(var.add_(eps)).repeat_interleave(per_group, 1).unsqueeze(1) * weight.float()
     shift = bias.float() - mean * scale
     out = tokens if inplace else torch.empty_like(tokens)
     for i, j in chunks:
-        if f32:
-            y = torch.addcmul(shift, tokens[:, i:j], scale, out=out[:, i:j])
-            if swish:
-                F.silu(y, inplace=True)
-        else:
-            y = torch.addcmul(shift, tokens[:, i:j].float(), scale)
-            out[:, i:j] = F.silu(y, inplace=True) if swish else y
+        y = torch.addcmul(shift, tokens[:, i:j], scale, out=out[:, i:j])
+        if swish:
+            F.silu(y, inplace=True)
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -196,8 +186,10 @@ class GroupNorm(nn.GroupNorm):
     """The reference's GroupNorm: 32 groups, eps 1e-6, statistics and normalisation in float32.
 
     ``forward(x, swish=True)`` also applies swish; ``inplace=True`` lets it overwrite ``x`` (only
-    honoured without autograd). Channels-last inputs (float32 or half) take an accurate two-pass
-    path (see :func:`_group_norm_channels_last`); others use the native op, in float32 for half.
+    honoured without autograd). Channels-last float32 inputs take an accurate two-pass path (see
+    :func:`_group_norm_channels_last`); channels-last half inputs the native op, whose float32
+    E[x^2] - E[x]^2 rounding (~1e-3) is below half precision's own and which runs ~2.5x faster;
+    others the native op, in float32 for half.
     """
 
     def __init__(self, channels: int):
@@ -205,6 +197,9 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor, swish: bool = False, inplace: bool = False) -> torch.Tensor:
         inplace = inplace and not _needs_grad(x, self.weight, self.bias)
+        if _is_channels_last(x) and x.dtype in _HALF:
+            y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return F.silu(y, inplace=not _needs_grad(y)) if swish else y
         if _is_channels_last(x):
             return _group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps,
                                              swish=swish, inplace=inplace)
