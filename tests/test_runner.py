@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 SCORE_ATOL = 1e-2
 IMAGE_ATOL = 1e-4
@@ -186,3 +187,16 @@ def test_bf16_runner_runs_every_output_kind(conformance, test_image):
     scores = bf16.run([test_image], ["what ?"], output_text_len=1, generate_image=True,
                       answer_options=[test_image, test_image[::2]])["all_scores"]
     assert scores.shape == (1, 1, 2) and np.isfinite(scores).all()
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
+def test_bf16_decoding_with_packed_weights_matches_plain(conformance, test_image):
+    bf16 = make_runner(conformance, dtype="bf16")
+    assert bf16.model.packed_output_rows and bf16.model.decoder.layers[0].mlp.packed
+    call = lambda: bf16.run([test_image], ["what is on the left ?"], output_text_len=6, generate_image=True)  # noqa: E731
+    packed = call()
+    bf16.model.drop_packed()
+    plain = call()
+    np.testing.assert_array_equal(packed["text_tokens"], plain["text_tokens"])
+    np.testing.assert_array_equal(packed["image_tokens"], plain["image_tokens"])
+    np.testing.assert_allclose(packed["score"], plain["score"], rtol=1e-3)

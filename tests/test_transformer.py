@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from uio.model.transformer import MASK_VALUE, image_relative_bucket, text_relative_bucket
+from uio.model.transformer import MASK_VALUE, Attention, MlpBlock, image_relative_bucket, text_relative_bucket
 
 
 def t(array) -> torch.Tensor:
@@ -73,3 +73,34 @@ def test_teacher_forced_decode(tiny_model, encoded, golden, masked):
         assert_close(image_logits[:, 0], d["image_logits_pos0_full"])
         assert_close(image_logits[:, -1], d["image_logits_pos255_full"])
         assert (logits[:, :steps, 33152:] == MASK_VALUE).all() and (image_logits[..., :33152] == MASK_VALUE).all()
+
+
+def test_fused_projections_equal_separate_ones():
+    torch.manual_seed(0)
+    attention, mlp, x = Attention(32, 4, 8), MlpBlock(32, 64), torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        separate = {which: attention.project(x, which) for which in ("qkv", "kv", "q")}
+        mlp_separate = mlp(x)
+        attention.fuse()
+        mlp.fuse()
+        for which, outputs in separate.items():
+            for fused, plain in zip(attention.project(x, which), outputs, strict=True):
+                torch.testing.assert_close(fused, plain)
+        torch.testing.assert_close(mlp(x), mlp_separate)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
+@pytest.mark.parametrize("rows", [1, 3, 200])  # 200 rows take the plain matmul
+def test_prepacked_bf16_weights_give_the_plain_results(rows):
+    torch.manual_seed(0)
+    attention, mlp = Attention(32, 4, 8).bfloat16(), MlpBlock(32, 64).bfloat16()
+    x = torch.randn(1, rows, 32, dtype=torch.bfloat16)
+    attention.fuse()
+    mlp.fuse()
+    with torch.inference_mode():
+        q = attention.project(x, "q")[0]
+        plain = attention.project(x, "qkv"), attention.attend(q, q, q, torch.zeros(1, 1, rows, rows)), mlp(x)
+        attention.prepack("qkv")
+        mlp.prepack()
+        packed = attention.project(x, "qkv"), attention.attend(q, q, q, torch.zeros(1, 1, rows, rows)), mlp(x)
+    torch.testing.assert_close(packed, plain, rtol=1e-2, atol=1e-2)
