@@ -84,12 +84,15 @@ def encoder_flops(cfg, text_tokens: int, batch: int) -> float:
     return batch * (cfg.num_encoder_layers * per_layer + patches)
 
 
-def step_bytes(cfg, image_step: bool, element_size: int) -> float:
-    """Weights one decoder step must read: layers (cross K/V are projected once) + output rows."""
+def step_bytes(cfg, image_step: bool, element_size: int, encoder_length: int, batch: int) -> float:
+    """Bytes one decoder step must read: the layers' weights (cross K/V are projected once), the
+    output rows it scores, and each example's cached cross-attention keys and values (at batch 8
+    these outweigh the weights). The self-attention cache (at most 257 keys) is left out."""
     d, inner, m = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
     per_layer = 4 * d * inner + 2 * d * inner + 3 * d * m
     rows = cfg.image_vocab_size if image_step else cfg.vocab_size
-    return element_size * (cfg.num_decoder_layers * per_layer + rows * d)
+    cross_cache = batch * 2 * encoder_length * inner
+    return element_size * (cfg.num_decoder_layers * (per_layer + cross_cache) + rows * d)
 
 
 def vqgan_flops(vqgan) -> float:
@@ -198,8 +201,9 @@ def main() -> None:
             prompt_len = runner.tokenizer(["what color is the sofa ?"]).shape[1]
             esize = torch.finfo(dtype).bits // 8
             enc = encoder_flops(cfg, prompt_len, 1) / hw["matmul"]
-            text_step = step_bytes(cfg, False, esize) / hw["bandwidth"]
-            image_step = step_bytes(cfg, True, esize) / hw["bandwidth"]
+            encoder_length = prompt_len + cfg.encoder_max_image_length
+            text_step, image_step = (step_bytes(cfg, image, esize, encoder_length, 1) / hw["bandwidth"]
+                                     for image in (False, True))
             vq = vqgan_flops(runner.model.discrete_vae) / hw["conv"]
             depth_floor = enc + text_step + 256 * image_step + vq
             calls = {
@@ -214,7 +218,8 @@ def main() -> None:
             for batch in args.batches:
                 prompt = ["what color is the sofa ?"] * batch
                 fn = lambda b=batch: runner.run([image] * b, prompt[:b], output_text_len=32)  # noqa: E731
-                floor = encoder_flops(cfg, prompt_len, batch) / hw["matmul"] + 33 * text_step
+                floor = (encoder_flops(cfg, prompt_len, batch) / hw["matmul"]
+                         + 33 * step_bytes(cfg, False, esize, encoder_length, batch) / hw["bandwidth"])
                 first, median, peak = time_call(fn, args.runs)
                 rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, mode, first, median, floor, peak))
             print(f"# {mode}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "

@@ -431,7 +431,7 @@ class UnifiedIO(nn.Module):
             layer.encoder_decoder_attention.prepack("q")
             layer.mlp.prepack()
         table = self.token_embedder.weight
-        self.packed_output_rows = {is_image: pack_weight(table[self.output_rows(is_image)]) for is_image in (False, True)}
+        self.packed_output_rows = {image: pack_weight(table[self.output_rows(image)]) for image in (False, True)}
 
     def drop_packed(self) -> None:
         """Free the copies made by :meth:`prepack_decoder`."""
