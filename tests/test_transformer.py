@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from uio.model.transformer import MASK_VALUE, Attention, MlpBlock, image_relative_bucket, text_relative_bucket
+from uio.model.transformer import (MASK_VALUE, Attention, MlpBlock, RelativePositionBiases, image_relative_bucket,
+                                   text_relative_bucket)
 
 
 def t(array) -> torch.Tensor:
@@ -104,3 +105,14 @@ def test_prepacked_bf16_weights_give_the_plain_results(rows):
         mlp.prepack()
         packed = attention.project(x, "qkv"), attention.attend(q, q, q, torch.zeros(1, 1, rows, rows)), mlp(x)
     torch.testing.assert_close(packed, plain, rtol=1e-2, atol=1e-2)
+
+
+def test_position_buckets_cached_in_inference_mode_work_under_autograd():
+    biases = RelativePositionBiases(2)
+    torch.nn.init.normal_(biases.image_rel_embedding)
+    with torch.inference_mode():
+        cached = biases(3, 16, 4, True, torch.device("cpu"))  # builds and caches the buckets
+    again = biases(3, 16, 4, True, torch.device("cpu"))
+    torch.testing.assert_close(again.detach(), cached)
+    again.sum().backward()
+    assert biases.image_rel_embedding.grad.abs().sum() > 0

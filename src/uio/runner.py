@@ -53,13 +53,13 @@ def default_device() -> str:
 
 
 def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> UnifiedIO:
+                dtype: torch.dtype = torch.float32, prepack: bool = True) -> UnifiedIO:
     """Build the network for ``size`` (a size name or config JSON) and load ``param_file`` into it.
 
     The VQGAN runs in bf16 when ``dtype`` is bf16 (its decoded images stay within ~58 dB PSNR of
-    fp32, measured by ``benchmarks/bench_vqgan.py``) and in fp32 otherwise. bf16 on the CPU also
-    keeps packed copies of the decoder's weights, for faster decoding steps
-    (:meth:`UnifiedIO.prepack_decoder`).
+    fp32, measured by ``benchmarks/bench_vqgan.py``) and in fp32 otherwise. With ``prepack``, bf16
+    on the CPU also keeps packed copies of the weights a decoding step reads, for faster steps
+    (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them).
     """
     config, vae_config = load_config(size)
     with torch.device("meta"):
@@ -67,7 +67,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     model.fuse_projections()
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    on_cpu = torch.device(device).type == "cpu"
+    if prepack and dtype == torch.bfloat16 and on_cpu and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         model.prepack_decoder()
     return model.eval().requires_grad_(False)
 
@@ -102,7 +103,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(dtype)
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
-        self.model = build_model(size, param_file, self.device, self.dtype)
+        self.model = build_model(size, param_file, self.device, self.dtype, prepack=not compiled)
         if compiled:
             self.model.enable_compile()
 

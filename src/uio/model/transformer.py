@@ -7,6 +7,7 @@ norms are T5 RMS norms computed in float32; the MLP is gated GELU (tanh approxim
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -189,17 +190,32 @@ class RelativePositionBiases(nn.Module):
         self.rel_embedding = nn.Parameter(torch.zeros(num_heads, TEXT_BUCKETS))
         self.image_rel_embedding = nn.Parameter(torch.zeros(num_heads, 4 * IMAGE_BUCKETS ** 2))
 
-    def forward(self, text_positions: Tensor, image_positions: Tensor, image_width: int,
-                bidirectional: bool) -> Tensor:
-        """Positions are 1-D; returns (H, Lt+Li, Lt+Li)."""
-        text_bucket = text_relative_bucket(text_positions[None, :] - text_positions[:, None], bidirectional)
-        x, y = image_positions % image_width, image_positions // image_width
-        image_bucket = image_relative_bucket(x[None, :] - x[:, None], y[None, :] - y[:, None])
-        lt, li = len(text_positions), len(image_positions)
-        bias = self.rel_embedding.new_zeros(self.rel_embedding.shape[0], lt + li, lt + li)
-        bias[:, :lt, :lt] = self.rel_embedding[:, text_bucket]
-        bias[:, lt:, lt:] = self.image_rel_embedding[:, image_bucket]
+    def forward(self, text_length: int, image_length: int, image_width: int, bidirectional: bool,
+                device: torch.device) -> Tensor:
+        """(H, T+I, T+I) biases for ``text_length`` text then ``image_length`` image positions."""
+        buckets = _relative_buckets if torch.compiler.is_compiling() else _cached_relative_buckets
+        text_bucket, image_bucket = buckets(text_length, image_length, image_width, bidirectional, device)
+        total = text_length + image_length
+        bias = self.rel_embedding.new_zeros(self.rel_embedding.shape[0], total, total)
+        bias[:, :text_length, :text_length] = self.rel_embedding[:, text_bucket]
+        bias[:, text_length:, text_length:] = self.image_rel_embedding[:, image_bucket]
         return bias
+
+
+def _relative_buckets(text_length: int, image_length: int, image_width: int, bidirectional: bool,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """Bucket ids among text positions (T, T) and among image positions (I, I) of a row-major grid."""
+    with torch.inference_mode(False):  # usable under autograd too, whatever mode first built them
+        text = torch.arange(text_length, device=device)
+        image = torch.arange(image_length, device=device)
+        x, y = image % image_width, image // image_width
+        return (text_relative_bucket(text[None, :] - text[:, None], bidirectional),
+                image_relative_bucket(x[None, :] - x[:, None], y[None, :] - y[:, None]))
+
+
+# Buckets depend on shapes only, and computing them for 576 image positions takes longer than the
+# rest of the bias: a few shapes recur (one image grid, a few prompt lengths).
+_cached_relative_buckets = functools.lru_cache(maxsize=32)(_relative_buckets)
 
 
 def absolute_position_bias(pos_emb: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, num_heads: int,
@@ -296,9 +312,7 @@ class Encoder(nn.Module):
         pos = self.pe_pre_ln(torch.cat([text_pos, image_pos], dim=0))
         bias = absolute_position_bias(pos, self.position_q_linear, self.position_k_linear, cfg.num_heads,
                                       cfg.emb_dim)
-        device = tokens.device
-        bias = bias + self.relpos_bias(torch.arange(t, device=device), torch.arange(n, device=device),
-                                       grid_width, bidirectional=True)
+        bias = bias + self.relpos_bias(t, n, grid_width, bidirectional=True, device=tokens.device)
         mask = torch.cat([text_mask.int(), image_mask.int()], dim=1)
         bias = mask_bias(mask, mask) + bias[None]
         for layer in self.layers:
@@ -362,9 +376,8 @@ class Decoder(nn.Module):
         pos = self.pe_pre_ln(self.position_embedding(self.position_ids(text_length, image_length, device)))
         bias = absolute_position_bias(pos, self.self_position_q_linear, self.self_position_k_linear,
                                       cfg.num_heads, cfg.emb_dim)
-        return bias + self.relpos_bias(torch.arange(text_length, device=device),
-                                       torch.arange(image_length, device=device), DECODER_IMAGE_WIDTH,
-                                       bidirectional=False)
+        return bias + self.relpos_bias(text_length, image_length, DECODER_IMAGE_WIDTH, bidirectional=False,
+                                       device=device)
 
     def embed(self, tokens: Tensor, token_embedder: nn.Embedding, positions: Tensor, segments: Tensor) -> Tensor:
         """tokens (B, L); positions (L,) rows of the position table; segments (L,) 0 text / 1 image."""
