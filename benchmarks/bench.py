@@ -11,10 +11,12 @@ and the peak resident memory during the call.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -143,8 +145,6 @@ def make_runner(size: str, path: Path, tokenizer: Path, dtype: str, compiled: bo
 def load_in_fresh_process(size: str, path: Path) -> tuple[float, float]:
     """(seconds, peak RSS GiB) of ``build_model`` in a new interpreter, so no earlier load or
     import warms it up (the file itself is in the page cache, having just been written)."""
-    import subprocess
-
     code = (f"import time, bench; from uio.runner import build_model; t = time.perf_counter(); "
             f"build_model({size!r}, {str(path)!r}); print(time.perf_counter() - t, bench.peak_rss_gib())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -170,61 +170,71 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=list(CONFIGS))
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "fp32+compile", "bf16+compile"],
-                        help="dtype, with +compile for ModelRunner(compiled=True)")
+                        help="dtype, with +compile for ModelRunner(compiled=True); each mode runs in its own process")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--no-load", action="store_true", help="skip timing checkpoint loads")
     parser.add_argument("--load-only", nargs="+", metavar="SIZE", choices=list(CONFIGS),
                         help="only time loading random checkpoints of these sizes (peak RSS vs weight bytes)")
+    parser.add_argument("--child", metavar="CHECKPOINT", help=argparse.SUPPRESS)  # time one mode, print JSON rows
     args = parser.parse_args()
     if args.load_only:
         return print_load_table(args.load_only)
     torch.set_num_threads(args.threads)
-    cfg = CONFIGS[args.size]
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    if args.child:
+        return print(json.dumps(time_mode(args, args.modes[0], Path(args.child))))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bin_path = write_random_checkpoint(args.size, Path(tmp))
         st_path = Path(tmp) / f"{args.size}.safetensors"
         checkpoint.write_safetensors(checkpoint.read_bin(bin_path), st_path)
-        tokenizer = tokenizer_source()
         for path in () if args.no_load else (bin_path, st_path):
             seconds, peak = load_in_fresh_process(args.size, path)
             rows.append((f"load {path.suffix}", 1, "fp32", seconds, seconds, float("nan"), peak))
-        for mode in args.modes:
-            dtype_name, compiled = mode.split("+")[0], mode.endswith("+compile")
-            dtype = resolve_dtype(dtype_name)
-            hw = measure_hardware(dtype)
-            runner = make_runner(args.size, st_path, tokenizer, dtype_name, compiled)
-            prompt_len = runner.tokenizer(["what color is the sofa ?"]).shape[1]
-            esize = torch.finfo(dtype).bits // 8
-            enc = encoder_flops(cfg, prompt_len, 1) / hw["matmul"]
-            encoder_length = prompt_len + cfg.encoder_max_image_length
-            text_step, image_step = (step_bytes(cfg, image, esize, encoder_length, 1) / hw["bandwidth"]
-                                     for image in (False, True))
-            vq = vqgan_flops(runner.model.discrete_vae) / hw["conv"]
-            depth_floor = enc + text_step + 256 * image_step + vq
-            calls = {
-                "vqa": (lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
-                "depth (beam)": (lambda: runner.depth(image, beam_search=True), depth_floor),
-                "depth (sampling)": (lambda: runner.depth(image), depth_floor),
-                "vqgan decode": (lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long)), vq),
-            }
-            for name, (fn, floor) in calls.items():
-                first, median, peak = time_call(fn, args.runs)
-                rows.append((name, 1, mode, first, median, floor, peak))
-            for batch in args.batches:
-                prompt = ["what color is the sofa ?"] * batch
-                fn = lambda b=batch: runner.run([image] * b, prompt[:b], output_text_len=32)  # noqa: E731
-                floor = (encoder_flops(cfg, prompt_len, batch) / hw["matmul"]
-                         + 33 * step_bytes(cfg, False, esize, encoder_length, batch) / hw["bandwidth"])
-                first, median, peak = time_call(fn, args.runs)
-                rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, mode, first, median, floor, peak))
-            print(f"# {mode}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "
-                  f"weight streaming {hw['bandwidth'] / 1e9:.1f} GB/s", file=sys.stderr)
+        for mode in args.modes:  # a fresh process each: no mode inherits another's memory or compiled graphs
+            command = [sys.executable, __file__, "--child", str(st_path), "--modes", mode, "--size", args.size,
+                       "--runs", str(args.runs), "--threads", str(args.threads), "--batches", *map(str, args.batches)]
+            rows += json.loads(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout)
     print_table(rows, args)
+
+
+def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
+    """Table rows for one mode: each call's first and median seconds, floor and peak RSS."""
+    cfg = CONFIGS[args.size]
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    dtype_name, compiled = mode.split("+")[0], mode.endswith("+compile")
+    dtype = resolve_dtype(dtype_name)
+    hw = measure_hardware(dtype)
+    runner = make_runner(args.size, checkpoint_path, tokenizer_source(), dtype_name, compiled)
+    prompt_len = runner.tokenizer(["what color is the sofa ?"]).shape[1]
+    esize = torch.finfo(dtype).bits // 8
+    enc = encoder_flops(cfg, prompt_len, 1) / hw["matmul"]
+    encoder_length = prompt_len + cfg.encoder_max_image_length
+    text_step, image_step = (step_bytes(cfg, image, esize, encoder_length, 1) / hw["bandwidth"]
+                             for image in (False, True))
+    vq = vqgan_flops(runner.model.discrete_vae) / hw["conv"]
+    depth_floor = enc + text_step + 256 * image_step + vq
+    calls = {
+        "vqa": (lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
+        "depth (beam)": (lambda: runner.depth(image, beam_search=True), depth_floor),
+        "depth (sampling)": (lambda: runner.depth(image), depth_floor),
+        "vqgan decode": (lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long)), vq),
+    }
+    rows = []
+    for name, (fn, floor) in calls.items():
+        first, median, peak = time_call(fn, args.runs)
+        rows.append((name, 1, mode, first, median, floor, peak))
+    for batch in args.batches:
+        prompt = ["what color is the sofa ?"] * batch
+        fn = lambda b=batch: runner.run([image] * b, prompt[:b], output_text_len=32)  # noqa: E731
+        floor = (encoder_flops(cfg, prompt_len, batch) / hw["matmul"]
+                 + 33 * step_bytes(cfg, False, esize, encoder_length, batch) / hw["bandwidth"])
+        first, median, peak = time_call(fn, args.runs)
+        rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, mode, first, median, floor, peak))
+    print(f"# {mode}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "
+          f"weight streaming {hw['bandwidth'] / 1e9:.1f} GB/s", file=sys.stderr)
+    return rows
 
 
 def print_load_table(sizes: list[str]) -> None:
