@@ -1,6 +1,7 @@
 """Time the runner on random weights of a real model size, against floors measured on this machine.
 
-    python benchmarks/bench.py [--size small] [--dtype fp32 bf16] [--runs 5] [--threads 2]
+    python benchmarks/bench.py [--size small] [--modes fp32 bf16 fp32+compile bf16+compile] [--runs 5]
+                               [--threads 2] [--batches 1 2 4 8] [--no-load] [--load-only SIZE ...]
 
 Writes a random checkpoint of the real size in the released ``.bin`` format (and its safetensors
 conversion) to a temporary folder, then prints one table: each call's median seconds over
@@ -28,6 +29,7 @@ import torch
 from uio import checkpoint
 from uio.config import CONFIGS, VAE_CONFIG
 from uio.model.transformer import UnifiedIO
+from uio.model.vqgan import Upsample
 from uio.runner import ModelRunner, resolve_dtype
 
 CONFORMANCE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/conformance/tokenizer/spiece.model"
@@ -98,14 +100,21 @@ def step_bytes(cfg, image_step: bool, element_size: int, encoder_length: int, ba
 
 
 def vqgan_flops(vqgan) -> float:
+    """FLOPs of the VQGAN decoder's convolutions as this implementation runs them: an upsampling
+    conv as its four 2x2 phase convs on the low-resolution input (see ``vqgan.Upsample``)."""
     total = 0.0
 
-    def count(module, _inputs, output):
+    def count(module, inputs, output):
         nonlocal total
-        k = module.kernel_size[0] * module.kernel_size[1]
-        total += 2 * module.in_channels * module.out_channels * k * output.shape[-1] * output.shape[-2]
+        if isinstance(module, Upsample):
+            conv, (h, w) = module.conv, inputs[0].shape[-2:]
+            total += 2 * conv.in_channels * 4 * conv.out_channels * 4 * (h + 1) * (w + 1)
+        else:
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += 2 * module.in_channels * module.out_channels * k * output.shape[-1] * output.shape[-2]
 
-    hooks = [m.register_forward_hook(count) for m in vqgan.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_hook(count) for m in vqgan.decoder.modules()
+             if isinstance(m, (torch.nn.Conv2d, Upsample))]  # an Upsample never calls its own conv module
     with torch.inference_mode():
         vqgan.decode_codes(torch.zeros(1, 256, dtype=torch.long))
     for hook in hooks:
