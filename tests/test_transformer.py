@@ -100,10 +100,11 @@ def test_prepacked_bf16_weights_give_the_plain_results(rows):
     mlp.fuse()
     with torch.inference_mode():
         q = attention.project(x, "q")[0]
-        plain = attention.project(x, "qkv"), attention.attend(q, q, q, torch.zeros(1, 1, rows, rows)), mlp(x)
+        bias = torch.zeros(1, 1, rows, rows, dtype=x.dtype)
+        plain = attention.project(x, "qkv"), attention.attend(q, q, q, bias), mlp(x)
         attention.prepack("qkv")
         mlp.prepack()
-        packed = attention.project(x, "qkv"), attention.attend(q, q, q, torch.zeros(1, 1, rows, rows)), mlp(x)
+        packed = attention.project(x, "qkv"), attention.attend(q, q, q, bias), mlp(x)
     torch.testing.assert_close(packed, plain, rtol=1e-2, atol=1e-2)
 
 
