@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from uio.model.transformer import (MASK_VALUE, Attention, MlpBlock, RelativePositionBiases, image_relative_bucket,
-                                   text_relative_bucket)
+from uio.model.transformer import (MASK_VALUE, Attention, MlpBlock, RelativePositionBiases, RMSNorm,
+                                   image_relative_bucket, text_relative_bucket)
 
 
 def t(array) -> torch.Tensor:
@@ -106,6 +106,23 @@ def test_prepacked_bf16_weights_give_the_plain_results(rows):
         mlp.prepack()
         packed = attention.project(x, "qkv"), attention.attend(q, q, q, bias), mlp(x)
     torch.testing.assert_close(packed, plain, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [4, 300])  # a decoding step's size (one-kernel path), an encoder's (plain path)
+def test_rms_norm_computes_torchs_rms_norm_in_float32(rows, dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(512)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(2, rows, 512) * 3).to(dtype)
+    expected = torch.nn.functional.rms_norm(x.float(), (512,), norm.weight.float(), 1e-6).to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype
+    if rows > 100:  # the same arithmetic as torch's: identical results
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected)
 
 
 def test_position_buckets_cached_in_inference_mode_work_under_autograd():
