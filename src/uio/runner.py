@@ -64,7 +64,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     config, vae_config = load_config(size)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
-    load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
+    load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device,
+              column_major=model.column_major_weights(torch.device(device), dtype))
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     model.fuse_projections()
     on_cpu = torch.device(device).type == "cpu"

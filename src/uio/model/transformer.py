@@ -446,6 +446,16 @@ class UnifiedIO(nn.Module):
             if isinstance(module, (Attention, MlpBlock)):
                 module.fuse()
 
+    @staticmethod
+    def column_major_weights(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+        """State-dict keys to store column-major (transposed in memory) on ``device`` in ``dtype``.
+
+        On the CPU in fp32, the token embedding: a decoding step multiplies a few rows by its
+        text or image rows, which MKL streams ~1.3x faster from that layout (cold, 512 columns);
+        lookups of a step's few tokens barely notice. oneDNN's bf16 kernels are slower with it.
+        """
+        return ("token_embedder.weight",) if device.type == "cpu" and dtype == torch.float32 else ()
+
     def output_rows(self, is_image: bool) -> slice:
         """The embedding rows a decoding step scores: image ids or text ids."""
         return slice(self.cfg.vocab_size, None) if is_image else slice(0, self.cfg.vocab_size)
