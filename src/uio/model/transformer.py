@@ -156,6 +156,12 @@ def masked(bias: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, bias, MASK_VALUE)
 
 
+def cross_attention_bias(query_valid: Tensor, key_valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, 1, Lq, Lk) bias of cross-attention, which has no position bias: 0, or -1e10 where masked."""
+    zero = torch.zeros((), dtype=dtype, device=key_valid.device)
+    return masked(zero, pair_valid(query_valid, key_valid))
+
+
 def _log_bucket(n: Tensor, max_exact: int, num_buckets: int, max_distance: int) -> Tensor:
     """Logarithmic bucket for distances >= max_exact, in float32 as the reference computes it."""
     eps = torch.finfo(torch.float32).eps
@@ -519,7 +525,7 @@ class UnifiedIO(nn.Module):
         valid = torch.cat([text_mask.int(), image_mask.int()], dim=1)
         causal = torch.ones(t + i, t + i, dtype=torch.bool, device=device).tril()
         self_bias = masked(dec.self_bias(t, i, device)[None], causal & pair_valid(valid, valid))
-        cross_bias = masked(y.new_zeros(()), pair_valid(valid, enc.mask))
+        cross_bias = cross_attention_bias(valid, enc.mask, y.dtype)
         hidden = dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden), cross_bias)
         logits = logits_from_hidden(hidden, self.token_embedder)
         is_image_step = torch.arange(t + i, device=device)[:, None] >= t
@@ -546,7 +552,7 @@ class DecoderCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
         self.key_valid = torch.zeros(n, self.length, dtype=torch.bool, device=device)
         self.cross_kv = dec.cross_kv(enc.hidden)
-        self.cross_bias = masked(enc.hidden.new_zeros(()), pair_valid(torch.ones_like(enc.mask[:, :1]), enc.mask))
+        self.cross_bias = cross_attention_bias(torch.ones_like(enc.mask[:, :1]), enc.mask, dtype)
         self.self_bias = dec.self_bias(text_length, image_length, device)
         self.positions = dec.position_ids(text_length, image_length, device)
         self.step_index = torch.arange(self.length, device=device)
