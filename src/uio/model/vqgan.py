@@ -145,7 +145,7 @@ def _group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor
     ~3e-3 error at the encoder output. Centring before squaring keeps the error at rounding level.
 
     Without autograd the work streams over the activation in row chunks of ~1 MB, so the
-    temporaries (float32 copies, centred squares) stay in cache: one pass for the means, one for
+    temporaries (the centred squares) stay in cache: one pass for the means, one for
     the centred variance, and one that writes ``x * scale + shift`` (and swish) - over ``x`` itself
     with ``inplace``.
     """
@@ -155,13 +155,12 @@ def _group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor
     count = n * per_group
     tokens = x.permute(0, 2, 3, 1).reshape(b, n, c)  # a view for channels-last x
     if _needs_grad(x, weight, bias):
-        t = tokens.float()
-        mean = t.sum(1).view(b, groups, per_group).sum(-1).div(count).repeat_interleave(per_group, 1)
-        var = (t - mean.unsqueeze(1)).square().sum(1).view(b, groups, per_group).sum(-1).div(count)
+        mean = tokens.sum(1).view(b, groups, per_group).sum(-1).div(count).repeat_interleave(per_group, 1)
+        var = (tokens - mean.unsqueeze(1)).square().sum(1).view(b, groups, per_group).sum(-1).div(count)
         scale = torch.rsqrt(var + eps).repeat_interleave(per_group, 1) * weight.float()
-        y = torch.addcmul((bias.float() - mean * scale).unsqueeze(1), t, scale.unsqueeze(1))
+        y = torch.addcmul((bias.float() - mean * scale).unsqueeze(1), tokens, scale.unsqueeze(1))
         y = F.silu(y) if swish else y
-        return y.to(x.dtype).view(b, h, w, c).permute(0, 3, 1, 2)
+        return y.view(b, h, w, c).permute(0, 3, 1, 2)
 
     step = max(1, _GN_CHUNK_ELEMS // (b * c))
     chunks = [(i, min(i + step, n)) for i in range(0, n, step)]
