@@ -62,14 +62,14 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them).
     """
     config, vae_config = load_config(size)
+    device = torch.device(device)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
     load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device,
-              column_major=model.column_major_weights(torch.device(device), dtype))
+              column_major=model.column_major_weights(device, dtype))
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     model.fuse_projections()
-    on_cpu = torch.device(device).type == "cpu"
-    if prepack and dtype == torch.bfloat16 and on_cpu and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if prepack and dtype == torch.bfloat16 and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         model.prepack_decoder()
     return model.eval().requires_grad_(False)
 
