@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from uio import generate
+from uio.config import UnifiedIOConfig, VAEConfig
+from uio.model.transformer import DecoderCache, StepTraces, UnifiedIO, decode_step
 
 SCORE_ATOL = 1e-2  # sums of up to 257 log-probs (the golden README's hint)
 
@@ -106,3 +108,78 @@ def test_image_answer_options(tiny_model, golden, average):
     masks = t(a["inputs/image_output_options_masks"]).long()
     losses = generate.score_image_options(tiny_model, enc, codes, masks, average_loss=bool(average))
     np.testing.assert_allclose(losses.numpy(), a[f"image/avg{average}/all_scores"], atol=SCORE_ATOL, rtol=1e-4)
+
+
+SMALL_CONFIG = UnifiedIOConfig(vocab_size=96, image_vocab_size=64, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+                              num_encoder_layers=2, num_decoder_layers=2)
+SMALL_VAE_CONFIG = VAEConfig(embed_dim=32, n_embed=64, z_channels=32, ch=32, ch_mult=(1,), num_res_blocks=1,
+                             attn_resolutions=())
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    """A small randomly initialised network (fp32, CPU, fused like a loaded one), oracle-free."""
+    torch.manual_seed(0)
+    model = UnifiedIO(SMALL_CONFIG, SMALL_VAE_CONFIG).eval().requires_grad_(False)
+    for table in (model.decoder.relpos_bias.rel_embedding, model.decoder.relpos_bias.image_rel_embedding):
+        torch.nn.init.normal_(table)  # initialised to zeros: give the position biases a part
+    model.fuse_projections()
+    return model
+
+
+def random_encoding(model, batch: int, prompt_length: int):
+    generator = torch.Generator().manual_seed(batch * 100 + prompt_length)
+    tokens = torch.randint(2, model.cfg.vocab_size, (batch, prompt_length), generator=generator)
+    images = torch.randn(batch, 32, 32, 3, generator=generator)
+    with torch.inference_mode():
+        return model.encode(tokens, images)
+
+
+def generations(model, traced: bool) -> list[torch.Tensor]:
+    """Beam search (which reorders the caches) and sampling, text then image steps, for two
+    prompt lengths and two batch sizes."""
+    model.step_traces = StepTraces() if traced else None
+    outputs = []
+    for prompt_length in (5, 9):
+        for batch in (1, 2):
+            enc = random_encoding(model, batch, prompt_length)
+            beams = generate.beam_search(model, enc, 6, 4, num_beams=2)
+            samples = generate.sample(model, enc, 6, 4, num_samples=2, generator=torch.Generator().manual_seed(1))
+            outputs += [beams.tokens, beams.scores, samples.tokens, samples.scores]
+    return outputs
+
+
+@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+def test_traced_steps_decode_exactly_what_eager_steps_decode(random_model):
+    eager = generations(random_model, traced=False)
+    traced = generations(random_model, traced=True)
+    for got, expected in zip(traced, eager, strict=True):
+        assert torch.equal(got, expected)
+    # One trace per step kind and decoded rows (2 and 4): prompt lengths share them.
+    assert sorted(key[:2] for key in random_model.step_traces.traces) == [(False, 2), (False, 4), (True, 2),
+                                                                          (True, 4)]
+
+
+@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+def test_steps_under_autograd_run_eagerly(random_model):
+    random_model.enable_step_traces()
+    enc = random_model.encode(torch.tensor([[5, 6, 7]]), torch.zeros(1, 32, 32, 3))
+    cache = DecoderCache(random_model, enc, 3, 0)
+    logits = decode_step(random_model, cache, torch.tensor([0]), 0, torch.tensor([True]))
+    assert logits.shape == (1, 96) and not random_model.step_traces.traces
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
+def test_step_traces_and_packed_weights_exclude_each_other():
+    model = UnifiedIO(SMALL_CONFIG, SMALL_VAE_CONFIG).bfloat16().requires_grad_(False)
+    model.fuse_projections()
+    if StepTraces.available:
+        model.enable_step_traces()
+    model.prepack_decoder()
+    assert model.step_traces is None
+    with pytest.raises(ValueError, match="drop_packed"):
+        model.enable_step_traces()
+
+
+def test_cpu_models_replay_traced_steps(tiny_model):
+    assert isinstance(tiny_model.step_traces, StepTraces) == StepTraces.available

@@ -17,7 +17,7 @@ import torch
 from . import generate, processing
 from .checkpoint import load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
-from .model.transformer import UnifiedIO
+from .model.transformer import StepTraces, UnifiedIO
 from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
     CAPTIONING_PROMPT, DEPTH_PROMPT, GEN_SEGMENTATION_COLOR_NAMES, GEN_SEGMENTATION_COLORS, IMAGE_GENERATION,
     IMAGE_INPAINTING, IMAGE_TAGGING, OBJECT_SEGMENTATION, POSE_ESTIMATION, REFEXP_PROMPT, REGION_CAPTION,
@@ -59,7 +59,9 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     The VQGAN runs in bf16 when ``dtype`` is bf16 (its decoded images stay within ~58 dB PSNR of
     fp32, measured by ``benchmarks/bench_vqgan.py``) and in fp32 otherwise. With ``prepack``, bf16
     on the CPU also keeps packed copies of the weights a decoding step reads, for faster steps
-    (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them).
+    (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them). Other CPU models
+    replay their decoding steps from traces (:meth:`UnifiedIO.enable_step_traces`; turn them off
+    with ``model.step_traces = None``).
     """
     config, vae_config = load_config(size)
     device = torch.device(device)
@@ -71,7 +73,10 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     model.fuse_projections()
     if prepack and dtype == torch.bfloat16 and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         model.prepack_decoder()
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if device.type == "cpu" and not model.packed_output_rows and StepTraces.available:
+        model.enable_step_traces()
+    return model
 
 
 class ModelRunner:
