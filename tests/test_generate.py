@@ -116,21 +116,22 @@ SMALL_VAE_CONFIG = VAEConfig(embed_dim=32, n_embed=64, z_channels=32, ch=32, ch_
                              attn_resolutions=())
 
 
-@pytest.fixture(scope="module")
-def random_model():
-    """A small randomly initialised network (fp32, CPU, fused like a loaded one), oracle-free."""
+def random_model(dtype: torch.dtype = torch.float32, packed: bool = False) -> UnifiedIO:
+    """A small randomly initialised network on the CPU, fused (and packed) like a loaded one; oracle-free."""
     torch.manual_seed(0)
     model = UnifiedIO(SMALL_CONFIG, SMALL_VAE_CONFIG).eval().requires_grad_(False)
     for table in (model.decoder.relpos_bias.rel_embedding, model.decoder.relpos_bias.image_rel_embedding):
         torch.nn.init.normal_(table)  # initialised to zeros: give the position biases a part
-    model.fuse_projections()
+    model.to(dtype).fuse_projections()
+    if packed:
+        model.prepack_decoder()
     return model
 
 
 def random_encoding(model, batch: int, prompt_length: int):
     generator = torch.Generator().manual_seed(batch * 100 + prompt_length)
     tokens = torch.randint(2, model.cfg.vocab_size, (batch, prompt_length), generator=generator)
-    images = torch.randn(batch, 32, 32, 3, generator=generator)
+    images = torch.randn(batch, 32, 32, 3, generator=generator).to(model.token_embedder.weight.dtype)
     with torch.inference_mode():
         return model.encode(tokens, images)
 
@@ -143,42 +144,47 @@ def generations(model, traced: bool) -> list[torch.Tensor]:
     for prompt_length in (5, 9):
         for batch in (1, 2):
             enc = random_encoding(model, batch, prompt_length)
-            beams = generate.beam_search(model, enc, 6, 4, num_beams=2)
-            samples = generate.sample(model, enc, 6, 4, num_samples=2, generator=torch.Generator().manual_seed(1))
+            beams = generate.beam_search(model, enc, 8, 9, num_beams=2)
+            samples = generate.sample(model, enc, 8, 9, num_samples=2, generator=torch.Generator().manual_seed(1))
             outputs += [beams.tokens, beams.scores, samples.tokens, samples.scores]
     return outputs
 
 
+PACKED_BF16 = pytest.param(torch.bfloat16, True, id="bf16-packed", marks=pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16"))
+
+
 @pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
-def test_traced_steps_decode_exactly_what_eager_steps_decode(random_model):
-    eager = generations(random_model, traced=False)
-    traced = generations(random_model, traced=True)
+@pytest.mark.parametrize("dtype, packed", [(torch.float32, False), PACKED_BF16])
+def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed):
+    model = random_model(dtype, packed)
+    eager = generations(model, traced=False)
+    traced = generations(model, traced=True)
     for got, expected in zip(traced, eager, strict=True):
         assert torch.equal(got, expected)
     # One trace per step kind and decoded rows (2 and 4): prompt lengths share them.
-    assert sorted(key[:2] for key in random_model.step_traces.traces) == [(False, 2), (False, 4), (True, 2),
-                                                                          (True, 4)]
+    assert sorted(key[:2] for key in model.step_traces.traces) == [(False, 2), (False, 4), (True, 2), (True, 4)]
+    assert {key[-1] for key in model.step_traces.traces} == {packed}
+    for trace in model.step_traces.traces.values():  # packed copies are used, not the plain weights
+        assert ("mkldnn::_linear_pointwise" in str(trace.graph)) == packed
 
 
 @pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
-def test_steps_under_autograd_run_eagerly(random_model):
-    random_model.enable_step_traces()
-    enc = random_model.encode(torch.tensor([[5, 6, 7]]), torch.zeros(1, 32, 32, 3))
-    cache = DecoderCache(random_model, enc, 3, 0)
-    logits = decode_step(random_model, cache, torch.tensor([0]), 0, torch.tensor([True]))
-    assert logits.shape == (1, 96) and not random_model.step_traces.traces
+def test_steps_under_autograd_run_eagerly():
+    model = random_model()
+    model.enable_step_traces()
+    enc = model.encode(torch.tensor([[5, 6, 7]]), torch.zeros(1, 32, 32, 3))
+    cache = DecoderCache(model, enc, 3, 0)
+    logits = decode_step(model, cache, torch.tensor([0]), 0, torch.tensor([True]))
+    assert logits.shape == (1, 96) and not model.step_traces.traces
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
-def test_step_traces_and_packed_weights_exclude_each_other():
-    model = UnifiedIO(SMALL_CONFIG, SMALL_VAE_CONFIG).bfloat16().requires_grad_(False)
-    model.fuse_projections()
-    if StepTraces.available:
-        model.enable_step_traces()
-    model.prepack_decoder()
-    assert model.step_traces is None
-    with pytest.raises(ValueError, match="drop_packed"):
-        model.enable_step_traces()
+@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+def test_steps_too_few_to_pay_for_a_trace_run_eagerly():
+    model = random_model()
+    model.enable_step_traces()
+    generate.beam_search(model, random_encoding(model, 1, 5), 1, 8)  # one text step, then 8 image steps
+    assert [key[0] for key in model.step_traces.traces] == [True]
 
 
 def test_cpu_models_replay_traced_steps(tiny_model):

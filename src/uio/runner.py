@@ -59,9 +59,9 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     The VQGAN runs in bf16 when ``dtype`` is bf16 (its decoded images stay within ~58 dB PSNR of
     fp32, measured by ``benchmarks/bench_vqgan.py``) and in fp32 otherwise. With ``prepack``, bf16
     on the CPU also keeps packed copies of the weights a decoding step reads, for faster steps
-    (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them). Other CPU models
-    replay their decoding steps from traces (:meth:`UnifiedIO.enable_step_traces`; turn them off
-    with ``model.step_traces = None``).
+    (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them). CPU models replay
+    their decoding steps from traces (:meth:`UnifiedIO.enable_step_traces`; turn them off with
+    ``model.step_traces = None``).
     """
     config, vae_config = load_config(size)
     device = torch.device(device)
@@ -74,7 +74,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     if prepack and dtype == torch.bfloat16 and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         model.prepack_decoder()
     model.eval().requires_grad_(False)
-    if device.type == "cpu" and not model.packed_output_rows and StepTraces.available:
+    if device.type == "cpu" and StepTraces.available:
         model.enable_step_traces()
     return model
 
