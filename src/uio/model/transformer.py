@@ -64,15 +64,13 @@ def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     re-blocks the weight on every call."""
     if packed is None or x.shape[:-1].numel() > PACKED_MAX_ROWS or torch.compiler.is_compiling():
         return F.linear(x, weight)
-    rows = x.reshape(-1, x.shape[-1])
     if torch.jit.is_tracing():
         # The tracer cannot record the plain op's (empty) list of optional scalars; the binary
-        # form, adding a broadcast zero, gives the same values.
-        zero = rows.new_zeros(()).expand(rows.shape[0], weight.shape[0])
-        out = torch.ops.mkldnn._linear_pointwise.binary(rows, zero, packed, None, "add")
-    else:
-        out = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
-    return out.view(*x.shape[:-1], -1)
+        # form, adding a broadcast zero, gives the same values. Sizes as Python ints are fixed
+        # in the trace (its key covers them) rather than recomputed on every replay.
+        zero = x.new_zeros(()).expand([int(n) for n in x.shape[:-1]] + [int(weight.shape[0])])
+        return torch.ops.mkldnn._linear_pointwise.binary(x, zero, packed, None, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def fuse_weights(linears: list[nn.Linear]) -> Tensor:
