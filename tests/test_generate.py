@@ -187,5 +187,12 @@ def test_steps_too_few_to_pay_for_a_trace_run_eagerly():
     assert [key[0] for key in model.step_traces.traces] == [True]
 
 
+@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+def test_step_traces_need_frozen_weights():
+    model = random_model().requires_grad_(True)
+    with pytest.raises(ValueError, match="requires_grad_"):
+        model.enable_step_traces()
+
+
 def test_cpu_models_replay_traced_steps(tiny_model):
     assert isinstance(tiny_model.step_traces, StepTraces) == StepTraces.available

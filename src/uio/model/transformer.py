@@ -522,10 +522,14 @@ class UnifiedIO(nn.Module):
     def enable_step_traces(self) -> None:
         """Run eager decoding steps from TorchScript traces from now on (see :class:`StepTraces`):
         bit-identical logits, CPU steps ~18% faster in fp32 and ~25% in bf16. Call once the weights
-        are final (loaded, fused, on their device); traces read them in place, so later in-place
-        updates are seen."""
+        are final (loaded, fused, on their device) and frozen (``requires_grad_(False)``: a trace
+        holds them as constants); traces read them in place, so later in-place updates are seen."""
         if not StepTraces.available:
             raise RuntimeError("step traces need torch.jit.trace, which torch does not support from Python 3.14 on")
+        trainable = next((name for name, p in self.named_parameters() if p.requires_grad), None)
+        if trainable is not None:
+            raise ValueError(f"step traces need frozen weights, but {trainable} requires grad: call "
+                             "model.requires_grad_(False) first")
         self.step_traces = StepTraces()
 
     def encode(self, tokens: Tensor, images: Tensor, text_mask: Tensor | None = None,
@@ -614,8 +618,8 @@ def _decode_step(model: "UnifiedIO", keys: list[Tensor], values: list[Tensor], k
                  valid: Tensor, is_image: bool) -> Tensor:
     """:func:`decode_step` on tensors of fixed shapes (``index`` is the 1-element step tensor).
 
-    Its Python code (and that of the layers it runs) may branch on ``is_image`` and the number of
-    rows only: :class:`StepTraces` replays one trace for every other shape.
+    Its Python code (and that of the layers it runs) may branch on ``is_image``, the number of rows
+    and whether packed weights exist only: :class:`StepTraces` replays one trace for other shapes.
     """
     dec = model.decoder
     segment = torch.full((1,), int(is_image), dtype=torch.long, device=tokens.device)
@@ -637,9 +641,9 @@ class StepTraces:
     bit-identical and a CPU step is ~18% (fp32) to ~25% (bf16) faster. Tracing records the
     operations of one real step (~50-100 ms instead of ~8), whose result that step returns. A trace
     reads the weights in place, as constants (packed copies, which cannot be constants, as
-    inputs), and keeps the choices the step's Python code made, which depend on the step kind, the
-    number of rows decoded and whether packed copies exist only: there is one trace per (step kind,
-    rows, output length, dtype, device, packed), shared by every prompt length.
+    inputs), and keeps the choices the step's Python code made; those depend only on the step
+    kind, the number of rows decoded and whether packed copies exist, so there is one trace per
+    (step kind, rows, output length, dtype, device, packed), shared by every prompt length.
     """
 
     # torch warns that from Python 3.14 on torch.jit.trace "is not supported ... and may break".
