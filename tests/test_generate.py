@@ -194,5 +194,22 @@ def test_step_traces_need_frozen_weights():
         model.enable_step_traces()
 
 
+@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+def test_a_failed_trace_falls_back_to_eager_steps(monkeypatch, caplog):
+    model = random_model()
+    eager = generations(model, traced=False)
+
+    def failing_trace(fn, args, **kwargs):
+        fn(*args)  # fail after the step ran, as a tracer error at the end would
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(torch.jit, "trace", failing_trace)
+    traced = generations(model, traced=True)
+    for got, expected in zip(traced, eager, strict=True):
+        assert torch.equal(got, expected)
+    assert model.step_traces.failed and not model.step_traces.traces
+    assert "tracing a decoding step failed (RuntimeError: unsupported operation)" in caplog.text
+
+
 def test_cpu_models_replay_traced_steps(tiny_model):
     assert isinstance(tiny_model.step_traces, StepTraces) == StepTraces.available

@@ -8,6 +8,7 @@ norms are T5 RMS norms computed in float32; the MLP is gated GELU (tanh approxim
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
 import warnings
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from ..config import UnifiedIOConfig
 
+log = logging.getLogger(__name__)
 MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
 TEXT_BUCKETS, TEXT_MAX_DISTANCE = 32, 128
 IMAGE_BUCKETS, IMAGE_MAX_DISTANCE = 8, 20
@@ -651,6 +653,7 @@ class StepTraces:
 
     def __init__(self):
         self.traces: dict[tuple, Callable] = {}
+        self.failed = False  # tracing raised once: run every step eagerly from then on
 
     def run(self, model: "UnifiedIO", inputs: tuple, is_image: bool, steps_left: int) -> Tensor:
         """``_decode_step(model, *inputs, is_image)``, replayed from a trace; made into one unless
@@ -660,7 +663,7 @@ class StepTraces:
         key = (is_image, tokens.shape[0], keys.shape[2], keys.dtype, keys.device, bool(packed))
         args = inputs + (packed,) if packed else inputs  # the tracer refuses an empty list
         trace = self.traces.get(key)
-        if trace is None and steps_left < MIN_TRACED_STEPS:
+        if trace is None and (steps_left < MIN_TRACED_STEPS or self.failed):
             return _decode_step(model, *inputs, is_image)
         if trace is None:
             return self._trace(model, key, args, len(inputs), is_image)
@@ -678,12 +681,19 @@ class StepTraces:
             outputs.append(_decode_step(model, *tensors[:num_inputs], is_image))
             return outputs[-1]
 
-        with warnings.catch_warnings():
-            # torch.jit.trace warns that it is deprecated, and about the shape-dependent branches
-            # it fixes, which the trace's key covers.
-            warnings.simplefilter("ignore")
-            # Not check_trace: checking reruns the step, which writes the caches a second time.
-            trace = torch.jit.trace(step, args, check_trace=False)
+        try:
+            with warnings.catch_warnings():
+                # torch.jit.trace warns that it is deprecated, and about the shape-dependent
+                # branches it fixes, which the trace's key covers.
+                warnings.simplefilter("ignore")
+                # Not check_trace: checking reruns the step, which writes the caches a second time.
+                trace = torch.jit.trace(step, args, check_trace=False)
+        except Exception as error:  # an optional speed-up: never fail a call for it
+            log.warning("tracing a decoding step failed (%s: %s); steps run eagerly from now on",
+                        type(error).__name__, error)
+            self.failed = True
+            # The step writes the same cache entries again, with the same values.
+            return _decode_step(model, *args[:num_inputs], is_image)
         if len(self.traces) >= MAX_STEP_TRACES:
             del self.traces[next(iter(self.traces))]
         self.traces[key] = trace
