@@ -150,11 +150,12 @@ def generations(model, traced: bool) -> list[torch.Tensor]:
     return outputs
 
 
+needs_tracing = pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
 PACKED_BF16 = pytest.param(torch.bfloat16, True, id="bf16-packed", marks=pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16"))
 
 
-@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+@needs_tracing
 @pytest.mark.parametrize("dtype, packed", [(torch.float32, False), PACKED_BF16])
 def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed):
     model = random_model(dtype, packed)
@@ -169,7 +170,7 @@ def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed):
         assert ("mkldnn::_linear_pointwise" in str(trace.graph)) == packed
 
 
-@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+@needs_tracing
 def test_steps_under_autograd_run_eagerly():
     model = random_model()
     model.enable_step_traces()
@@ -179,7 +180,7 @@ def test_steps_under_autograd_run_eagerly():
     assert logits.shape == (1, 96) and not model.step_traces.traces
 
 
-@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+@needs_tracing
 def test_steps_too_few_to_pay_for_a_trace_run_eagerly():
     model = random_model()
     model.enable_step_traces()
@@ -187,14 +188,14 @@ def test_steps_too_few_to_pay_for_a_trace_run_eagerly():
     assert [key[0] for key in model.step_traces.traces] == [True]
 
 
-@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+@needs_tracing
 def test_step_traces_need_frozen_weights():
     model = random_model().requires_grad_(True)
     with pytest.raises(ValueError, match="requires_grad_"):
         model.enable_step_traces()
 
 
-@pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
+@needs_tracing
 def test_a_failed_trace_falls_back_to_eager_steps(monkeypatch, caplog):
     model = random_model()
     eager = generations(model, traced=False)
