@@ -13,7 +13,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,12 +67,20 @@ def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     if packed is None or x.shape[:-1].numel() > PACKED_MAX_ROWS or torch.compiler.is_compiling():
         return F.linear(x, weight)
     if torch.jit.is_tracing():
-        # The tracer cannot record the plain op's (empty) list of optional scalars; the binary
-        # form, adding a broadcast zero, gives the same values. Sizes as Python ints are fixed
-        # in the trace (its key covers them) rather than recomputed on every replay.
-        zero = x.new_zeros(()).expand([int(n) for n in x.shape[:-1]] + [int(weight.shape[0])])
-        return torch.ops.mkldnn._linear_pointwise.binary(x, zero, packed, None, "add")
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        # The tracer cannot record the op's (empty) list of optional scalars; a call of the
+        # scripted function can be recorded, and runs the same op.
+        return _scripted_packed_linear()(x, packed)
+    return _packed_linear(x, packed)
+
+
+def _packed_linear(x: Tensor, packed: Tensor) -> Tensor:
+    no_scalars: List[Optional[number]] = []  # noqa: F821 - TorchScript's name for the op's Scalar?[] items
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", no_scalars, "")
+
+
+@functools.cache
+def _scripted_packed_linear() -> Callable[[Tensor, Tensor], Tensor]:
+    return torch.jit.script(_packed_linear)
 
 
 def fuse_weights(linears: list[nn.Linear]) -> Tensor:
