@@ -355,7 +355,11 @@ class Encoder(nn.Module):
         bias = position_bias(pos, self.position_q_linear, self.position_k_linear, cfg.num_heads, cfg.emb_dim,
                              relative)
         mask = torch.cat([text_mask.int(), image_mask.int()], dim=1)
-        bias = masked(bias[None], pair_valid(mask, mask))
+        bias = bias[None]
+        # With every position valid (one example, prompts of one length) the bias broadcasts over
+        # the batch as is: a masked copy per example costs 7% of a batch of 8's encoder.
+        if torch.compiler.is_compiling() or not bool(mask.all()):
+            bias = masked(bias, pair_valid(mask, mask))
         for layer in self.layers:
             x = layer(x, bias)
         return EncoderOutput(self.encoder_norm(x), mask, pos[None])
