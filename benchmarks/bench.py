@@ -1,13 +1,15 @@
 """Time the runner on random weights of a real model size, against floors measured on this machine.
 
     python benchmarks/bench.py [--size small] [--modes fp32 bf16 fp32+compile bf16+compile] [--runs 5]
-                               [--threads 2] [--batches 1 2 4 8] [--no-load] [--load-only SIZE ...]
+                               [--threads 2] [--batches 1 2 4 8] [--device cpu] [--no-load]
+                               [--load-only SIZE ...]
 
 Writes a random checkpoint of the real size in the released ``.bin`` format (and its safetensors
 conversion) to a temporary folder, then prints one table: each call's median seconds over
 ``--runs`` runs after a warm-up, the first (cold) call, the floor this hardware allows (from
 matmul/conv throughput and weight-streaming bandwidth measured in the same run), the ratio to it,
-and the peak resident memory during the call.
+and the peak resident memory during the call. With ``--device cuda`` the model and the
+throughput measurements run on the GPU, and the memory column is the GPU's peak allocation.
 """
 from __future__ import annotations
 
@@ -54,40 +56,50 @@ def peak_rss_gib() -> float:
 
 # ---- hardware throughput -----------------------------------------------------------------------
 
-def best_time(fn, repeats: int = 5) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device: torch.device, repeats: int = 20) -> float:
     fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def measure_hardware(dtype: torch.dtype) -> dict:
+def measure_hardware(dtype: torch.dtype, device: torch.device) -> dict:
     """Matmul and 3x3-conv FLOP/s, and batch-1 matrix-vector weight-streaming bytes/s."""
-    a, b = torch.randn(1024, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    matmul = 2 * 1024 * 2048 * 2048 / best_time(lambda: a @ b)
-    x = torch.randn(1, 256, 64, 64, dtype=dtype).to(memory_format=torch.channels_last)
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dtype).to(memory_format=torch.channels_last)
+    a, b = (torch.randn(shape, dtype=dtype, device=device) for shape in ((1024, 2048), (2048, 2048)))
+    matmul = 2 * 1024 * 2048 * 2048 / best_time(lambda: a @ b, device)
+    x = torch.randn(1, 256, 64, 64, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, device=device).to(dtype).to(memory_format=torch.channels_last)
     with torch.inference_mode():
-        conv_rate = 2 * 256 * 256 * 9 * 64 * 64 / best_time(lambda: conv(x))
+        conv_rate = 2 * 256 * 256 * 9 * 64 * 64 / best_time(lambda: conv(x), device)
     # Streaming bytes is what bounds a decoding step, whatever their dtype: measured with fp32,
     # whose CPU matrix-vector kernel is the fastest here, on the faster of both weight layouts.
-    w, v = torch.randn(16384, 4096), torch.randn(1, 4096)
+    w, v = torch.randn(16384, 4096, device=device), torch.randn(1, 4096, device=device)
     w_column_major = w.t().contiguous().t()
-    bandwidth = w.numel() * w.element_size() / min(best_time(lambda: v @ w.t()),
-                                                    best_time(lambda: v @ w_column_major.t()))
+    bandwidth = w.numel() * w.element_size() / min(best_time(lambda: v @ w.t(), device),
+                                                    best_time(lambda: v @ w_column_major.t(), device))
     return {"matmul": matmul, "conv": conv_rate, "bandwidth": bandwidth}
 
 
 # ---- analytic work per call --------------------------------------------------------------------
 
 def encoder_flops(cfg, text_tokens: int, batch: int) -> float:
+    """The encoder's matmuls, and the decoder's projection of its output into every layer's
+    cross-attention keys and values (done once per call, before the first step)."""
     s, d, inner, m = text_tokens + cfg.encoder_max_image_length, cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
     per_layer = 2 * s * (4 * d * inner + 3 * d * m) + 4 * s * s * inner
     patches = 2 * cfg.encoder_max_image_length * cfg.image_patch_size ** 2 * 3 * d
-    return batch * (cfg.num_encoder_layers * per_layer + patches)
+    cross_kv = cfg.num_decoder_layers * 2 * s * d * 2 * inner
+    return batch * (cfg.num_encoder_layers * per_layer + patches + cross_kv)
 
 
 def step_bytes(cfg, image_step: bool, element_size: int, encoder_length: int, batch: int) -> float:
@@ -101,7 +113,7 @@ def step_bytes(cfg, image_step: bool, element_size: int, encoder_length: int, ba
     return element_size * (cfg.num_decoder_layers * (per_layer + cross_cache) + rows * d)
 
 
-def vqgan_flops(vqgan) -> float:
+def vqgan_flops(vqgan, device: torch.device) -> float:
     """FLOPs of the VQGAN decoder's convolutions as this implementation runs them: an upsampling
     conv as its four 2x2 phase convs on the low-resolution input (see ``vqgan.Upsample``)."""
     total = 0.0
@@ -118,7 +130,7 @@ def vqgan_flops(vqgan) -> float:
     hooks = [m.register_forward_hook(count) for m in vqgan.decoder.modules()
              if isinstance(m, (torch.nn.Conv2d, Upsample))]  # an Upsample never calls its own conv module
     with torch.inference_mode():
-        vqgan.decode_codes(torch.zeros(1, 256, dtype=torch.long))
+        vqgan.decode_codes(torch.zeros(1, 256, dtype=torch.long, device=device))
     for hook in hooks:
         hook.remove()
     return total
@@ -148,8 +160,9 @@ def tokenizer_source() -> Path:
         sys.exit("no tokenizer: run `uio download --tokenizer-only` or provide ../shared/conformance")
 
 
-def make_runner(size: str, path: Path, tokenizer: Path, dtype: str, compiled: bool) -> ModelRunner:
-    return ModelRunner(size, path, tokenizer=tokenizer, dtype=dtype, device="cpu", log_inputs=False,
+def make_runner(size: str, path: Path, tokenizer: Path, dtype: str, compiled: bool,
+                device: str = "cpu") -> ModelRunner:
+    return ModelRunner(size, path, tokenizer=tokenizer, dtype=dtype, device=device, log_inputs=False,
                        compiled=compiled)
 
 
@@ -163,18 +176,21 @@ def load_in_fresh_process(size: str, path: Path) -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
-def time_call(fn, runs: int) -> tuple[float, float, float]:
-    """(first-call seconds, median seconds over ``runs``, peak RSS GiB)."""
+def time_call(fn, runs: int, device: torch.device) -> tuple[float, float, float]:
+    """(first-call seconds, median seconds over ``runs``, peak GiB: resident memory, or the GPU's
+    allocations on CUDA)."""
     reset_peak_rss()
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(runs):
+    for _ in range(runs + 1):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times), peak_rss_gib()
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else peak_rss_gib()
+    return times[0], statistics.median(times[1:]), peak
 
 
 def main() -> None:
@@ -185,6 +201,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the model and the throughput measurements)")
     parser.add_argument("--no-load", action="store_true", help="skip timing checkpoint loads")
     parser.add_argument("--load-only", nargs="+", metavar="SIZE", choices=list(CONFIGS),
                         help="only time loading random checkpoints of these sizes (peak RSS vs weight bytes)")
@@ -205,7 +222,8 @@ def main() -> None:
             rows.append((f"load {path.suffix}", 1, "fp32", seconds, seconds, float("nan"), peak))
         for mode in args.modes:  # a fresh process each: no mode inherits another's memory or compiled graphs
             command = [sys.executable, __file__, "--child", str(st_path), "--modes", mode, "--size", args.size,
-                       "--runs", str(args.runs), "--threads", str(args.threads), "--batches", *map(str, args.batches)]
+                       "--runs", str(args.runs), "--threads", str(args.threads), "--device", args.device,
+                       "--batches", *map(str, args.batches)]
             rows += json.loads(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout)
     print_table(rows, args)
 
@@ -215,33 +233,33 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
     cfg = CONFIGS[args.size]
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     dtype_name, compiled = mode.split("+")[0], mode.endswith("+compile")
-    dtype = resolve_dtype(dtype_name)
-    hw = measure_hardware(dtype)
-    runner = make_runner(args.size, checkpoint_path, tokenizer_source(), dtype_name, compiled)
+    dtype, device = resolve_dtype(dtype_name), torch.device(args.device)
+    hw = measure_hardware(dtype, device)
+    runner = make_runner(args.size, checkpoint_path, tokenizer_source(), dtype_name, compiled, args.device)
     prompt_len = runner.tokenizer(["what color is the sofa ?"]).shape[1]
     esize = torch.finfo(dtype).bits // 8
     enc = encoder_flops(cfg, prompt_len, 1) / hw["matmul"]
     encoder_length = prompt_len + cfg.encoder_max_image_length
     text_step, image_step = (step_bytes(cfg, image, esize, encoder_length, 1) / hw["bandwidth"]
                              for image in (False, True))
-    vq = vqgan_flops(runner.model.discrete_vae) / hw["conv"]
+    vq = vqgan_flops(runner.model.discrete_vae, device) / hw["conv"]
     depth_floor = enc + text_step + 256 * image_step + vq
     calls = {
         "vqa": (lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
         "depth (beam)": (lambda: runner.depth(image, beam_search=True), depth_floor),
         "depth (sampling)": (lambda: runner.depth(image), depth_floor),
-        "vqgan decode": (lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long)), vq),
+        "vqgan decode": (lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long, device=device)), vq),
     }
     rows = []
     for name, (fn, floor) in calls.items():
-        first, median, peak = time_call(fn, args.runs)
+        first, median, peak = time_call(fn, args.runs, device)
         rows.append((name, 1, mode, first, median, floor, peak))
     for batch in args.batches:
         prompt = ["what color is the sofa ?"] * batch
         fn = lambda b=batch: runner.run([image] * b, prompt[:b], output_text_len=32)  # noqa: E731
         floor = (encoder_flops(cfg, prompt_len, batch) / hw["matmul"]
                  + 33 * step_bytes(cfg, False, esize, encoder_length, batch) / hw["bandwidth"])
-        first, median, peak = time_call(fn, args.runs)
+        first, median, peak = time_call(fn, args.runs, device)
         rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, mode, first, median, floor, peak))
     print(f"# {mode}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "
           f"weight streaming {hw['bandwidth'] / 1e9:.1f} GB/s", file=sys.stderr)
@@ -261,9 +279,11 @@ def print_load_table(sizes: list[str]) -> None:
 
 
 def print_table(rows, args) -> None:
-    print(f"\nUnified-IO {args.size}, random weights, CPU, {args.threads} threads, torch {torch.__version__}, "
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name(torch.device(args.device)) if cuda else f"CPU, {args.threads} threads"
+    print(f"\nUnified-IO {args.size}, random weights, {where}, torch {torch.__version__}, "
           f"median of {args.runs} runs after one warm-up\n")
-    print("| call | batch | mode | first s | median s | floor s | ratio | peak RSS GiB |")
+    print(f"| call | batch | mode | first s | median s | floor s | ratio | peak {'GPU' if cuda else 'RSS'} GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch, dtype, first, median, floor, peak in rows:
         ratio = "" if math.isnan(floor) else f"{median / floor:.2f}"
