@@ -56,6 +56,17 @@ def test_encoder_other_image_size(tiny_model, golden):
     np.testing.assert_array_equal(enc.mask.numpy(), g["opt256/encoder_masks"])
 
 
+def test_encoder_batch_with_every_position_valid_encodes_each_example_as_alone(tiny_model, golden):
+    """All valid, the position bias is shared by the batch instead of masked per example."""
+    images = t(golden("encoder.npz")["image_encoder_inputs"])
+    tokens = torch.arange(2, 2 + 7 * len(images)).view(len(images), 7)  # no padding
+    with torch.inference_mode():
+        together = tiny_model.encode(tokens, images)
+        alone = [tiny_model.encode(tokens[i:i + 1], images[i:i + 1]) for i in range(len(tokens))]
+    assert len(tokens) > 1 and bool(together.mask.all())
+    assert_close(together.hidden, torch.cat([enc.hidden for enc in alone]))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_teacher_forced_decode(tiny_model, encoded, golden, masked):
     d = golden("decode.npz")
