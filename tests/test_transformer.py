@@ -56,15 +56,19 @@ def test_encoder_other_image_size(tiny_model, golden):
     np.testing.assert_array_equal(enc.mask.numpy(), g["opt256/encoder_masks"])
 
 
-def test_encoder_batch_with_every_position_valid_encodes_each_example_as_alone(tiny_model, golden):
-    """All valid, the position bias is shared by the batch instead of masked per example."""
-    images = t(golden("encoder.npz")["image_encoder_inputs"])
-    tokens = torch.arange(2, 2 + 7 * len(images)).view(len(images), 7)  # no padding
+def test_encoder_batch_sharing_one_mask_encodes_as_with_a_mask_per_example(tiny_model, golden):
+    """Examples with one mask share one masked position bias; with different masks each example
+    gets its own. The shared path must give what the per-example path gives."""
+    image = t(golden("encoder.npz")["image_encoder_inputs"])[:1]
+    images, tokens = image.repeat(3, 1, 1, 1), torch.arange(2, 23).view(3, 7)  # no text padding
+    patch = tiny_model.cfg.image_patch_size
+    image_masks = torch.ones(3, (image.shape[1] // patch) * (image.shape[2] // patch), dtype=torch.int32)
+    image_masks[:, -10:] = 0
+    image_masks[2, :5] = 0  # the third example's mask differs: each example is masked on its own
     with torch.inference_mode():
-        together = tiny_model.encode(tokens, images)
-        alone = [tiny_model.encode(tokens[i:i + 1], images[i:i + 1]) for i in range(len(tokens))]
-    assert len(tokens) > 1 and bool(together.mask.all())
-    assert_close(together.hidden, torch.cat([enc.hidden for enc in alone]))
+        shared = tiny_model.encode(tokens[:2], images[:2], None, image_masks[:2])
+        per_example = tiny_model.encode(tokens, images, None, image_masks)
+    assert_close(shared.hidden, per_example.hidden[:2])
 
 
 @pytest.mark.parametrize("masked", [False, True])
