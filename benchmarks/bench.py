@@ -61,16 +61,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of one ``fn()``, including the work it queued on ``device``."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def best_time(fn, device: torch.device, repeats: int = 20) -> float:
     fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(seconds(fn, device) for _ in range(repeats))
 
 
 def measure_hardware(dtype: torch.dtype, device: torch.device) -> dict:
@@ -182,13 +184,7 @@ def time_call(fn, runs: int, device: torch.device) -> tuple[float, float, float]
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(runs + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [seconds(fn, device) for _ in range(runs + 1)]
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else peak_rss_gib()
     return times[0], statistics.median(times[1:]), peak
 
@@ -279,7 +275,7 @@ def print_load_table(sizes: list[str]) -> None:
 
 
 def print_table(rows, args) -> None:
-    cuda = args.device.startswith("cuda")
+    cuda = torch.device(args.device).type == "cuda"
     where = torch.cuda.get_device_name(torch.device(args.device)) if cuda else f"CPU, {args.threads} threads"
     print(f"\nUnified-IO {args.size}, random weights, {where}, torch {torch.__version__}, "
           f"median of {args.runs} runs after one warm-up\n")

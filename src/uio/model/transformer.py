@@ -653,7 +653,7 @@ class StepTraces:
     Eager PyTorch returns to Python between a step's ~600 small operations; a trace runs the same
     kernels on the same tensors from TorchScript's C++ interpreter, so logits and caches are
     bit-identical and a CPU step is ~18% (fp32) to ~25% (bf16) faster. Tracing records the
-    operations of one real step (~50-100 ms instead of ~8), whose result that step returns. A trace
+    operations of one real step (~50-80 ms instead of ~8), whose result that step returns. A trace
     reads the weights in place, as constants (packed copies, which cannot be constants, as
     inputs), and keeps the choices the step's Python code made; those depend only on the step
     kind, the number of rows decoded and whether packed copies exist, so there is one trace per
