@@ -32,6 +32,7 @@ from uio import checkpoint
 from uio.config import CONFIGS, VAE_CONFIG
 from uio.model.transformer import UnifiedIO
 from uio.model.vqgan import Upsample
+from uio.processing import preprocess_image
 from uio.runner import ModelRunner, resolve_dtype
 
 CONFORMANCE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/conformance/tokenizer/spiece.model"
@@ -94,12 +95,13 @@ def measure_hardware(dtype: torch.dtype, device: torch.device) -> dict:
 
 # ---- analytic work per call --------------------------------------------------------------------
 
-def encoder_flops(cfg, text_tokens: int, batch: int) -> float:
-    """The encoder's matmuls, and the decoder's projection of its output into every layer's
-    cross-attention keys and values (done once per call, before the first step)."""
-    s, d, inner, m = text_tokens + cfg.encoder_max_image_length, cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
+def encoder_flops(cfg, text_tokens: int, image_patches: int, batch: int) -> float:
+    """The encoder's matmuls over the valid positions (padded ones need not be computed), and the
+    decoder's projection of its output into every layer's cross-attention keys and values (done
+    once per call, before the first step)."""
+    s, d, inner, m = text_tokens + image_patches, cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
     per_layer = 2 * s * (4 * d * inner + 3 * d * m) + 4 * s * s * inner
-    patches = 2 * cfg.encoder_max_image_length * cfg.image_patch_size ** 2 * 3 * d
+    patches = 2 * image_patches * cfg.image_patch_size ** 2 * 3 * d
     cross_kv = cfg.num_decoder_layers * 2 * s * d * 2 * inner
     return batch * (cfg.num_encoder_layers * per_layer + patches + cross_kv)
 
@@ -234,8 +236,9 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
     runner = make_runner(args.size, checkpoint_path, tokenizer_source(), dtype_name, compiled, args.device)
     prompt_len = runner.tokenizer(["what color is the sofa ?"]).shape[1]
     esize = torch.finfo(dtype).bits // 8
-    enc = encoder_flops(cfg, prompt_len, 1) / hw["matmul"]
-    encoder_length = prompt_len + cfg.encoder_max_image_length
+    patches = int(preprocess_image(image)[1].sum())  # the rest pad the image to a square
+    enc = encoder_flops(cfg, prompt_len, patches, 1) / hw["matmul"]
+    encoder_length = prompt_len + patches
     text_step, image_step = (step_bytes(cfg, image, esize, encoder_length, 1) / hw["bandwidth"]
                              for image in (False, True))
     vq = vqgan_flops(runner.model.discrete_vae, device) / hw["conv"]
@@ -253,7 +256,7 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
     for batch in args.batches:
         prompt = ["what color is the sofa ?"] * batch
         fn = lambda b=batch: runner.run([image] * b, prompt[:b], output_text_len=32)  # noqa: E731
-        floor = (encoder_flops(cfg, prompt_len, batch) / hw["matmul"]
+        floor = (encoder_flops(cfg, prompt_len, patches, batch) / hw["matmul"]
                  + 33 * step_bytes(cfg, False, esize, encoder_length, batch) / hw["bandwidth"])
         first, median, peak = time_call(fn, args.runs, device)
         rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, mode, first, median, floor, peak))

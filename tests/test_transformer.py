@@ -71,6 +71,27 @@ def test_encoder_batch_sharing_one_mask_encodes_as_with_a_mask_per_example(tiny_
     assert_close(shared.hidden, per_example.hidden[:2])
 
 
+def test_encoder_skipping_padding_leaves_out_positions_masked_in_every_example(tiny_model, golden):
+    """Prompt padding and padded patches masked in every example are not computed; positions
+    valid in any example are kept, and encode exactly as when every position is computed."""
+    g = golden("encoder.npz")
+    image = t(g["image_encoder_inputs"])[:1]
+    tokens = torch.tensor([[5, 6, 7, 1, 0], [8, 9, 1, 0, 0]])  # the last column is padding in both
+    patch = tiny_model.cfg.image_patch_size
+    image_masks = torch.ones(2, (image.shape[1] // patch) * (image.shape[2] // patch), dtype=torch.int32)
+    image_masks[:, -40:] = 0
+    image_masks[1, -60:] = 0  # padded in one example only: kept, and masked in that example
+    with torch.inference_mode():
+        full = tiny_model.encode(tokens, image.repeat(2, 1, 1, 1), None, image_masks)
+        skipped = tiny_model.encode(tokens, image.repeat(2, 1, 1, 1), None, image_masks, skip_padding=True)
+    kept = full.mask.bool().any(dim=0)
+    assert kept.sum() == 4 + image_masks.shape[1] - 40
+    np.testing.assert_array_equal(skipped.mask.numpy(), full.mask[:, kept].numpy())
+    valid = skipped.mask.bool()
+    assert_close(skipped.hidden[valid], full.hidden[:, kept][valid], rtol=1e-5, atol=1e-5)
+    assert_close(skipped.position_embedding, full.position_embedding[:, kept])
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_teacher_forced_decode(tiny_model, encoded, golden, masked):
     d = golden("decode.npz")

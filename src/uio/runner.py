@@ -177,9 +177,11 @@ class ModelRunner:
                     for i, image in enumerate(images)]
         pixels = torch.from_numpy(np.stack([p[0] for p in prepared]).astype(np.float32))
         masks = torch.from_numpy(np.stack([p[1] for p in prepared]))
+        # Compiled graphs have fixed shapes: skipping padding would compile one per image aspect ratio.
         with torch.inference_mode():
             return self.model.encode(torch.from_numpy(tokens).long().to(self.device),
-                                     pixels.to(self.device, self.dtype), None, masks.to(self.device))
+                                     pixels.to(self.device, self.dtype), None, masks.to(self.device),
+                                     skip_padding=not self.compiled)
 
     def _generate(self, enc, text_length: int, generate_image: bool, beam_search: bool, num_decodes: int) -> dict:
         image_length = IMAGE_OUTPUT_LENGTH if generate_image else 1
