@@ -35,6 +35,7 @@ from uio.model.vqgan import Upsample
 from uio.processing import preprocess_image
 from uio.runner import ModelRunner, resolve_dtype
 
+OPTIONS = 200  # answer options of the classification call (labels of a few tokens each)
 CONFORMANCE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/conformance/tokenizer/spiece.model"
 
 
@@ -104,6 +105,16 @@ def encoder_flops(cfg, text_tokens: int, image_patches: int, batch: int) -> floa
     patches = 2 * image_patches * cfg.image_patch_size ** 2 * 3 * d
     cross_kv = cfg.num_decoder_layers * 2 * s * d * 2 * inner
     return batch * (cfg.num_encoder_layers * per_layer + patches + cross_kv)
+
+
+def option_flops(cfg, options: int, positions: int, encoder_length: int) -> float:
+    """Teacher-forced decoding of ``options`` answer options of ``positions`` decoder positions
+    each (the text ones, then the one image slot the reference decodes too) against one example:
+    every layer's matmuls and attention, and the text logits the loss needs."""
+    d, inner, m = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
+    per_layer = 2 * (6 * d * inner + 3 * d * m) + 4 * (positions + encoder_length) * inner
+    logits = 2 * (positions - 1) * d * cfg.vocab_size
+    return options * (positions * cfg.num_decoder_layers * per_layer + logits)
 
 
 def step_bytes(cfg, image_step: bool, element_size: int, encoder_length: int, batch: int) -> float:
@@ -243,11 +254,16 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
                              for image in (False, True))
     vq = vqgan_flops(runner.model.discrete_vae, device) / hw["conv"]
     depth_floor = enc + text_step + 256 * image_step + vq
+    labels = [f"object number {i}" for i in range(OPTIONS)]
+    positions = runner.tokenizer(labels).shape[1] + 2  # start token, the labels' ids and EOS, the image slot
+    options_floor = enc + option_flops(cfg, OPTIONS, positions, encoder_length) / hw["matmul"]
     calls = {
         "vqa": (lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
         "depth (beam)": (lambda: runner.depth(image, beam_search=True), depth_floor),
         "depth (sampling)": (lambda: runner.depth(image), depth_floor),
         "vqgan decode": (lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long, device=device)), vq),
+        f"classify ({OPTIONS} options)": (lambda: runner.image_classification(image, answer_options=labels),
+                                          options_floor),
     }
     rows = []
     for name, (fn, floor) in calls.items():

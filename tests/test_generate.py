@@ -100,7 +100,9 @@ def test_text_answer_options(tiny_model, golden, average, skip):
     np.testing.assert_array_equal(options[best].numpy(), a[f"text/avg{average}/text_tokens"])
 
 
-def test_text_answer_options_in_chunks(tiny_model, golden):
+def test_text_answer_options_in_chunks(tiny_model, golden, monkeypatch):
+    """Two options per decoder pass, and the losses of one option at a time."""
+    monkeypatch.setattr(generate, "LOGITS_CHUNK_ELEMS", 1)
     a = golden("answer_options.npz")
     enc = encode(tiny_model, a, "inputs/")
     losses = generate.score_text_options(tiny_model, enc, t(a["inputs/output_options"][0]).long(), max_options=2)
@@ -146,16 +148,18 @@ def random_encoding(model, batch: int, prompt_length: int):
 
 
 def generations(model, traced: bool) -> list[torch.Tensor]:
-    """Beam search (which reorders the caches) and sampling, text then image steps, for two
-    prompt lengths and two batch sizes."""
+    """Beam search (which reorders the caches), greedy search and sampling, text then image steps,
+    for two prompt lengths and two batch sizes (so two examples' greedy rows and one example's two
+    beams both decode two rows)."""
     model.step_traces = StepTraces() if traced else None
     outputs = []
     for prompt_length in (5, 9):
         for batch in (1, 2):
             enc = random_encoding(model, batch, prompt_length)
             beams = generate.beam_search(model, enc, 8, 9, num_beams=2)
+            greedy = generate.beam_search(model, enc, 8, 9, num_beams=1)
             samples = generate.sample(model, enc, 8, 9, num_samples=2, generator=torch.Generator().manual_seed(1))
-            outputs += [beams.tokens, beams.scores, samples.tokens, samples.scores]
+            outputs += [beams.tokens, beams.scores, greedy.tokens, greedy.scores, samples.tokens, samples.scores]
     return outputs
 
 
@@ -172,8 +176,10 @@ def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed):
     traced = generations(model, traced=True)
     for got, expected in zip(traced, eager, strict=True):
         assert torch.equal(got, expected)
-    # One trace per step kind and decoded rows (2 and 4): prompt lengths share them.
-    assert sorted(key[:2] for key in model.step_traces.traces) == [(False, 2), (False, 4), (True, 2), (True, 4)]
+    # One trace per step kind, decoded rows and examples they belong to: prompt lengths share them.
+    kinds = [(1, 1), (2, 1), (2, 2), (4, 2)]  # (rows, examples)
+    assert sorted(key[:3] for key in model.step_traces.traces) == [(image, *kind) for image in (False, True)
+                                                                   for kind in kinds]
     assert {key[-1] for key in model.step_traces.traces} == {packed}
     for trace in model.step_traces.traces.values():  # packed copies are used, not the plain weights
         assert ("mkldnn::_linear_pointwise" in str(trace.inlined_graph)) == packed

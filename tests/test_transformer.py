@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from uio.model.transformer import (MASK_VALUE, Attention, MlpBlock, RelativePositionBiases, RMSNorm,
+from uio.model.transformer import (MASK_VALUE, Attention, EncoderOutput, MlpBlock, RelativePositionBiases, RMSNorm,
                                    image_relative_bucket, text_relative_bucket)
 
 
@@ -110,6 +110,24 @@ def test_teacher_forced_decode(tiny_model, encoded, golden, masked):
         assert_close(image_logits[:, 0], d["image_logits_pos0_full"])
         assert_close(image_logits[:, -1], d["image_logits_pos255_full"])
         assert (logits[:, :steps, 33152:] == MASK_VALUE).all() and (image_logits[..., :33152] == MASK_VALUE).all()
+
+
+def test_decoder_rows_sharing_an_example_decode_as_with_a_copy_of_it_each(tiny_model, encoded):
+    """Three decoder rows per example (answer options) share its cross-attention keys/values, and
+    give what three copies of the example give, masked positions included."""
+    torch.manual_seed(0)
+    rows, steps = 3 * encoded.hidden.shape[0], 6
+    text = torch.randint(1, 1000, (rows, steps))
+    text_mask = torch.ones(rows, steps, dtype=torch.bool)
+    text_mask[1, 4:] = False
+    text_mask[5, 2:] = False
+    image, image_mask = torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1)
+    with torch.inference_mode():
+        shared = tiny_model.decode(encoded, text, image, text_mask, image_mask)
+        copies = EncoderOutput(encoded.hidden.repeat_interleave(3, 0), encoded.mask.repeat_interleave(3, 0),
+                               encoded.position_embedding)
+        copied = tiny_model.decode(copies, text, image, text_mask, image_mask)
+    torch.testing.assert_close(shared, copied, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_projections_equal_separate_ones():

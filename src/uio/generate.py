@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model.transformer import DecoderCache, EncoderOutput, UnifiedIO, decode_step
+from .model.transformer import DecoderCache, EncoderOutput, UnifiedIO, decode_step, logits_from_hidden
 
 BOS, EOS = 0, 1
 BEAM_NEG_INF = -1.0e7  # the reference's NEG_INF for dead beams and filtered logits
+LOGITS_CHUNK_ELEMS = 1 << 23  # logits scored at once when ranking answer options (32 MB of float32)
 
 
 @dataclass
@@ -32,9 +33,10 @@ class Generation:
 class _Decoder:
     """Feeds one step at a time, applying the reference's input and key-mask rules."""
 
-    def __init__(self, model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int):
+    def __init__(self, model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int,
+                 rows_per_example: int):
         self.model, self.text_length = model, text_length
-        self.cache = DecoderCache(model, enc, text_length, image_length)
+        self.cache = DecoderCache(model, enc, text_length, image_length, rows_per_example)
         self.start_token = model.cfg.vocab_size - 1
 
     def logits(self, sequences: Tensor, step: int) -> tuple[Tensor, int]:
@@ -58,7 +60,7 @@ def beam_search(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_le
     """Beam search with no length penalty; returns all beams, lowest score first."""
     batch = enc.hidden.shape[0]
     length = text_length + image_length
-    decoder = _Decoder(model, enc.repeat(num_beams), text_length, image_length)
+    decoder = _Decoder(model, enc, text_length, image_length, num_beams)
     device = enc.hidden.device
     sequences = torch.zeros(batch * num_beams, length + 1, dtype=torch.long, device=device)
     beam_scores = torch.full((batch, num_beams), BEAM_NEG_INF, device=device)
@@ -109,7 +111,7 @@ def sample(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length:
     """Top-p sampling; returns ``num_samples`` per example sorted by increasing log-probability."""
     batch = enc.hidden.shape[0]
     length = text_length + image_length
-    decoder = _Decoder(model, enc.repeat(num_samples), text_length, image_length)
+    decoder = _Decoder(model, enc, text_length, image_length, num_samples)
     device = enc.hidden.device
     sequences = torch.zeros(batch * num_samples, length + 1, dtype=torch.long, device=device)
     scores = torch.zeros(batch * num_samples, device=device)
@@ -129,17 +131,30 @@ def sample(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length:
 def _option_losses(model: UnifiedIO, enc: EncoderOutput, text_inputs: Tensor, text_targets: Tensor,
                    text_mask: Tensor, image_inputs: Tensor, image_targets: Tensor, image_mask: Tensor,
                    average: bool) -> Tensor:
-    """Summed (or averaged) cross-entropy of the targets under teacher forcing, per row."""
-    logits = model.decode(enc, text_inputs, image_inputs, text_mask, image_mask)
-    t = text_inputs.shape[1]
-    if image_targets is None:
-        logits, targets, mask = logits[:, :t], text_targets, text_mask
-    else:
-        logits, targets, mask = logits[:, t:], image_targets + model.cfg.vocab_size, image_mask
-    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
+    """Summed (or averaged) cross-entropy of the targets under teacher forcing, per row.
+
+    Only the scored part's logits are computed (text ids at text positions, image ids at image
+    ones): the reference masks the other part to -1e10, which adds exactly 0 to the softmax.
+    """
+    hidden = model.decode_hidden(enc, text_inputs, image_inputs, text_mask, image_mask)
+    t, is_image = text_inputs.shape[1], image_targets is not None
+    hidden, targets, mask = (hidden[:, t:], image_targets, image_mask) if is_image else \
+        (hidden[:, :t], text_targets, text_mask)
+    rows = model.output_rows(is_image)
+    # Some options at a time: hundreds of options' logits would take gigabytes at once.
+    per_chunk = max(1, LOGITS_CHUNK_ELEMS // (hidden.shape[1] * model.cfg.vocab_size))  # >= the rows' count
+    nll = torch.cat([_negative_log_likelihood(model, h, y, rows)
+                     for h, y in zip(hidden.split(per_chunk), targets.split(per_chunk))])
     mask = mask.float()
     loss = (nll * mask).sum(dim=1)
     return loss / mask.sum(dim=1) if average else loss
+
+
+def _negative_log_likelihood(model: UnifiedIO, hidden: Tensor, targets: Tensor, rows: slice) -> Tensor:
+    """-log p(target) (N, L) under the logits of embedding ``rows`` for ``hidden`` (N, L, D)."""
+    # contiguous: F.linear would multiply a strided 3-D slice by one copy of the weight per row
+    logits = logits_from_hidden(hidden.contiguous(), model.token_embedder, rows)
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
 
 
 def _text_option_batch(options: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -166,9 +181,9 @@ def score_text_options(model: UnifiedIO, enc: EncoderOutput, options: Tensor, ma
     for chunk in options.split(max_options):
         inputs, targets, mask = _text_option_batch(chunk)
         n = chunk.shape[0]
-        tile = lambda x: x.repeat(batch, 1)  # noqa: E731 - example-major, like repeat_interleave of enc
+        tile = lambda x: x.repeat(batch, 1)  # noqa: E731 - each example's n options in a row (see UnifiedIO.decode)
         image = torch.zeros(batch * n, 1, dtype=torch.long, device=chunk.device)
-        losses.append(_option_losses(model, enc.repeat(n), tile(inputs), tile(targets), tile(mask), image, None,
+        losses.append(_option_losses(model, enc, tile(inputs), tile(targets), tile(mask), image, None,
                                      image, average_loss).view(batch, n))
     return torch.cat(losses, dim=1)
 
@@ -188,7 +203,7 @@ def score_image_options(model: UnifiedIO, enc: EncoderOutput, option_codes: Tens
         n = codes.shape[0]
         inputs = torch.cat([torch.full_like(codes[:, :1], start), codes[:, :-1]], dim=1).repeat(batch, 1)
         ones = torch.ones(batch * n, 1, dtype=torch.long, device=codes.device)
-        losses.append(_option_losses(model, enc.repeat(n), ones * 0, ones, ones, inputs, codes.repeat(batch, 1),
+        losses.append(_option_losses(model, enc, ones * 0, ones, ones, inputs, codes.repeat(batch, 1),
                                      masks.repeat(batch, 1), average_loss).view(batch, n))
     return torch.cat(losses, dim=1)
 

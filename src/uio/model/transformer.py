@@ -156,11 +156,24 @@ class Attention(nn.Module):
         return y.unflatten(-1, (len(which), self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """q (B,H,Lq,D), k/v (B,H,Lk,D), bias (q's dtype) broadcastable to (B,H,Lq,Lk) -> (B, Lq, dim)."""
+        """q (B,H,Lq,D), k/v (B,H,Lk,D), bias (q's dtype) broadcastable to (B,H,Lq,Lk) -> (B, Lq, dim).
+
+        k/v may instead have B/n rows, each shared by n consecutive rows of q (an example's beams,
+        samples or answer options): those are attended as one query sequence of n*Lq, as each
+        query row is on its own, instead of copying the keys and values n times. ``bias`` then
+        has a row per query row, or per key/value row with one query position.
+        """
+        rows, _, length, _ = q.shape
+        sharing = rows // k.shape[0]
+        if sharing > 1:
+            q = q.unflatten(0, (-1, sharing)).transpose(1, 2).flatten(2, 3)
+            if bias.shape[0] == rows:  # a bias per query row (else one per key row, or for all)
+                bias = bias.expand(-1, -1, length, -1).unflatten(0, (-1, sharing)).transpose(1, 2).flatten(2, 3)
         # Also for one decoding step's query: compiled, the fused kernel streams the cached keys
         # and values faster than the mul+sum loops inductor generates for a one-row matmul.
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        return linear(x.transpose(1, 2).flatten(2), self.out.weight, self.packed.get("out"))
+        x = x.transpose(1, 2).flatten(2).reshape(rows, length, -1)
+        return linear(x, self.out.weight, self.packed.get("out"))
 
 
 def pair_valid(query_valid: Tensor, key_valid: Tensor) -> Tensor:
@@ -290,13 +303,6 @@ class EncoderOutput:
     hidden: Tensor  # (B, S, D) after the final norm
     mask: Tensor  # (B, S) int32, 1 for valid positions
     position_embedding: Tensor  # (1, S, D) normed position embeddings (the reference's 2nd output)
-
-    def repeat(self, n: int) -> "EncoderOutput":
-        """Repeat every example ``n`` times (beams / answer options), example-major."""
-        if n == 1:
-            return self
-        return EncoderOutput(self.hidden.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0),
-                             self.position_embedding)
 
 
 def positions_to_keep(mask: Tensor) -> Tensor | None:
@@ -584,8 +590,22 @@ class UnifiedIO(nn.Module):
 
     def decode(self, enc: EncoderOutput, text_inputs: Tensor, image_inputs: Tensor, text_mask: Tensor,
                image_mask: Tensor) -> Tensor:
-        """Teacher-forced decoder pass over whole sequences -> masked logits (B, T+I, vocab), float32."""
-        cfg, dec = self.cfg, self.decoder
+        """Teacher-forced decoder pass over whole sequences -> masked logits (N, T+I, vocab), float32.
+
+        ``enc`` holds B examples and the decoder inputs N = n * B rows, n consecutive ones per
+        example (its answer options, say), which share that example's cross-attention keys and values.
+        """
+        t = text_inputs.shape[1]
+        logits = logits_from_hidden(self.decode_hidden(enc, text_inputs, image_inputs, text_mask, image_mask),
+                                    self.token_embedder)
+        is_image_step = torch.arange(logits.shape[1], device=logits.device)[:, None] >= t
+        is_image_id = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= self.cfg.vocab_size
+        return logits.masked_fill(is_image_step != is_image_id, MASK_VALUE)
+
+    def decode_hidden(self, enc: EncoderOutput, text_inputs: Tensor, image_inputs: Tensor, text_mask: Tensor,
+                      image_mask: Tensor) -> Tensor:
+        """:meth:`decode`'s final hidden states (N, T+I, D), before the output embedding."""
+        dec = self.decoder
         t, i = text_inputs.shape[1], image_inputs.shape[1]
         device = text_inputs.device
         tokens = torch.cat([text_inputs, image_inputs], dim=1)
@@ -595,16 +615,14 @@ class UnifiedIO(nn.Module):
         valid = torch.cat([text_mask.int(), image_mask.int()], dim=1)
         causal = torch.ones(t + i, t + i, dtype=torch.bool, device=device).tril()
         self_bias = masked(dec.self_bias(t, i, device)[None], causal & pair_valid(valid, valid))
-        cross_bias = cross_attention_bias(valid, enc.mask, y.dtype)
-        hidden = dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden), cross_bias)
-        logits = logits_from_hidden(hidden, self.token_embedder)
-        is_image_step = torch.arange(t + i, device=device)[:, None] >= t
-        is_image_id = torch.arange(logits.shape[-1], device=device)[None, :] >= cfg.vocab_size
-        return logits.masked_fill(is_image_step != is_image_id, MASK_VALUE)
+        key_valid = enc.mask.repeat_interleave(tokens.shape[0] // enc.mask.shape[0], dim=0)
+        cross_bias = cross_attention_bias(valid, key_valid, y.dtype)
+        return dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden), cross_bias)
 
 
 class DecoderCache:
-    """Preallocated state for incremental decoding of ``N`` sequences of ``T`` text + ``I`` image steps.
+    """Preallocated state for incremental decoding of ``N`` sequences of ``T`` text + ``I`` image steps,
+    ``rows_per_example`` consecutive ones per encoded example (its beams or samples).
 
     Holds each layer's self-attention keys/values, the cross-attention keys/values projected once,
     the position-bias table for the whole output, and which cached keys are still attendable
@@ -613,15 +631,16 @@ class DecoderCache:
     be compiled once and replayed.
     """
 
-    def __init__(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int):
+    def __init__(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int,
+                 rows_per_example: int = 1):
         cfg, dec = model.cfg, model.decoder
-        n, device, dtype = enc.hidden.shape[0], enc.hidden.device, enc.hidden.dtype
+        n, device, dtype = enc.hidden.shape[0] * rows_per_example, enc.hidden.device, enc.hidden.dtype
         self.text_length, self.length = text_length, text_length + image_length
         shape = (n, cfg.num_heads, self.length, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
         self.key_valid = torch.zeros(n, self.length, dtype=torch.bool, device=device)
-        self.cross_kv = dec.cross_kv(enc.hidden)
+        self.cross_kv = dec.cross_kv(enc.hidden)  # one per example, shared by its rows
         self.cross_bias = cross_attention_bias(torch.ones_like(enc.mask[:, :1]), enc.mask, dtype)
         self.self_bias = dec.self_bias(text_length, image_length, device)
         self.positions = dec.position_ids(text_length, image_length, device)
@@ -681,8 +700,9 @@ class StepTraces:
     operations of one real step (~50-80 ms instead of ~8), whose result that step returns. A trace
     reads the weights in place, as constants (packed copies, which cannot be constants, as
     inputs), and keeps the choices the step's Python code made; those depend only on the step
-    kind, the number of rows decoded and whether packed copies exist, so there is one trace per
-    (step kind, rows, output length, dtype, device, packed), shared by every prompt length.
+    kind, the number of rows decoded, of examples they belong to, and whether packed copies exist,
+    so there is one trace per (step kind, rows, examples, output length, dtype, device, packed),
+    shared by every prompt length.
     """
 
     # torch warns that from Python 3.14 on torch.jit.trace "is not supported ... and may break".
@@ -696,8 +716,8 @@ class StepTraces:
         """``_decode_step(model, *inputs, is_image)``, replayed from a trace; made into one unless
         fewer than ``MIN_TRACED_STEPS`` steps of its kind are left (a VQA call's one image step)."""
         packed = model.packed_weights()
-        keys, tokens = inputs[0][0], inputs[-2]
-        key = (is_image, tokens.shape[0], keys.shape[2], keys.dtype, keys.device, bool(packed))
+        keys, cross_keys, tokens = inputs[0][0], inputs[3][0][0], inputs[-2]
+        key = (is_image, tokens.shape[0], cross_keys.shape[0], keys.shape[2], keys.dtype, keys.device, bool(packed))
         args = inputs + (packed,) if packed else inputs  # the tracer refuses an empty list
         trace = self.traces.get(key)
         if trace is None and (steps_left < MIN_TRACED_STEPS or self.failed):
