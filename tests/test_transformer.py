@@ -128,6 +128,8 @@ def test_decoder_rows_sharing_an_example_decode_as_with_a_copy_of_it_each(tiny_m
                                encoded.position_embedding)
         copied = tiny_model.decode(copies, text, image, text_mask, image_mask)
     torch.testing.assert_close(shared, copied, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="5 rows of decoder inputs for 2 encoded examples"):
+        tiny_model.decode(encoded, text[:5], image[:5], text_mask[:5], image_mask[:5])
 
 
 def test_fused_projections_equal_separate_ones():

@@ -615,7 +615,11 @@ class UnifiedIO(nn.Module):
         valid = torch.cat([text_mask.int(), image_mask.int()], dim=1)
         causal = torch.ones(t + i, t + i, dtype=torch.bool, device=device).tril()
         self_bias = masked(dec.self_bias(t, i, device)[None], causal & pair_valid(valid, valid))
-        key_valid = enc.mask.repeat_interleave(tokens.shape[0] // enc.mask.shape[0], dim=0)
+        rows_per_example, remainder = divmod(tokens.shape[0], enc.mask.shape[0])
+        if remainder or not rows_per_example:
+            raise ValueError(f"got {tokens.shape[0]} rows of decoder inputs for {enc.mask.shape[0]} encoded "
+                             "examples: each example needs the same number of rows")
+        key_valid = enc.mask.repeat_interleave(rows_per_example, dim=0)
         cross_bias = cross_attention_bias(valid, key_valid, y.dtype)
         return dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden), cross_bias)
 
