@@ -141,8 +141,9 @@ def _option_losses(model: UnifiedIO, enc: EncoderOutput, text_inputs: Tensor, te
     hidden, targets, mask = (hidden[:, t:], image_targets, image_mask) if is_image else \
         (hidden[:, :t], text_targets, text_mask)
     rows = model.output_rows(is_image)
-    # Some options at a time: hundreds of options' logits would take gigabytes at once.
-    per_chunk = max(1, LOGITS_CHUNK_ELEMS // (hidden.shape[1] * model.cfg.vocab_size))  # >= the rows' count
+    # Some options at a time: hundreds of options' logits would take gigabytes at once. (Text
+    # rows are the larger part: vocab_size bounds the logits of a position either way.)
+    per_chunk = max(1, LOGITS_CHUNK_ELEMS // (hidden.shape[1] * model.cfg.vocab_size))
     nll = torch.cat([_negative_log_likelihood(model, h, y, rows)
                      for h, y in zip(hidden.split(per_chunk), targets.split(per_chunk))])
     mask = mask.float()
