@@ -155,7 +155,7 @@ def _negative_log_likelihood(model: UnifiedIO, hidden: Tensor, targets: Tensor, 
     """-log p(target) (N, L) under the logits of embedding ``rows`` for ``hidden`` (N, L, D)."""
     # contiguous: F.linear would multiply a strided 3-D slice by one copy of the weight per row
     logits = logits_from_hidden(hidden.contiguous(), model.token_embedder, rows)
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
 def _text_option_batch(options: Tensor) -> tuple[Tensor, Tensor, Tensor]:
