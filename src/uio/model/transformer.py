@@ -606,6 +606,10 @@ class UnifiedIO(nn.Module):
                       image_mask: Tensor) -> Tensor:
         """:meth:`decode`'s final hidden states (N, T+I, D), before the output embedding."""
         dec = self.decoder
+        rows_per_example, remainder = divmod(text_inputs.shape[0], enc.mask.shape[0])
+        if remainder or not rows_per_example:
+            raise ValueError(f"got {text_inputs.shape[0]} rows of decoder inputs for {enc.mask.shape[0]} encoded "
+                             "examples: each example needs the same number of rows")
         t, i = text_inputs.shape[1], image_inputs.shape[1]
         device = text_inputs.device
         tokens = torch.cat([text_inputs, image_inputs], dim=1)
@@ -615,10 +619,6 @@ class UnifiedIO(nn.Module):
         valid = torch.cat([text_mask.int(), image_mask.int()], dim=1)
         causal = torch.ones(t + i, t + i, dtype=torch.bool, device=device).tril()
         self_bias = masked(dec.self_bias(t, i, device)[None], causal & pair_valid(valid, valid))
-        rows_per_example, remainder = divmod(tokens.shape[0], enc.mask.shape[0])
-        if remainder or not rows_per_example:
-            raise ValueError(f"got {tokens.shape[0]} rows of decoder inputs for {enc.mask.shape[0]} encoded "
-                             "examples: each example needs the same number of rows")
         key_valid = enc.mask.repeat_interleave(rows_per_example, dim=0)
         cross_bias = cross_attention_bias(valid, key_valid, y.dtype)
         return dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden), cross_bias)
@@ -680,8 +680,9 @@ def _decode_step(model: "UnifiedIO", keys: list[Tensor], values: list[Tensor], k
                  valid: Tensor, is_image: bool) -> Tensor:
     """:func:`decode_step` on tensors of fixed shapes (``index`` is the 1-element step tensor).
 
-    Its Python code (and that of the layers it runs) may branch on ``is_image``, the number of rows
-    and whether packed weights exist only: :class:`StepTraces` replays one trace for other shapes.
+    Its Python code (and that of the layers it runs) may branch on ``is_image``, the number of rows,
+    the number of examples they belong to and whether packed weights exist only: :class:`StepTraces`
+    replays one trace for other shapes.
     """
     dec = model.decoder
     segment = torch.full((1,), int(is_image), dtype=torch.long, device=tokens.device)
