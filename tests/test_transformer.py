@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uio.model.transformer import (MASK_VALUE, Attention, EncoderOutput, MlpBlock, RelativePositionBiases, RMSNorm,
-                                   image_relative_bucket, text_relative_bucket)
+                                   image_relative_bucket, packed_matmul_supported, text_relative_bucket)
 
 
 def t(array) -> torch.Tensor:
@@ -93,7 +93,13 @@ def test_encoder_skipping_padding_leaves_out_positions_masked_in_every_example(t
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_teacher_forced_decode(tiny_model, encoded, golden, masked):
+def test_teacher_forced_decode(tiny_model, golden, masked):
+    """Decodes the reference's own encoder outputs, as the golden was made (see its README): from
+    ours, their fp32 rounding (within 2e-5 of the encoder golden) grows through the decoder to up
+    to ~1.3e-4 in a few logits on some CPUs, as much as the golden's own distance from a float64
+    computation there."""
+    g = golden("encoder.npz")
+    encoded = EncoderOutput(t(g["encoded"]), t(g["encoder_masks"]), t(g["position_embedding"]))
     d = golden("decode.npz")
     prefix = "masked/" if masked else ""
     image_mask = t(d["masked/image_decoder_masks"]) if masked else torch.ones(2, 256)
@@ -146,12 +152,14 @@ def test_fused_projections_equal_separate_ones():
         torch.testing.assert_close(mlp(x), mlp_separate)
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rows", [1, 3, 200])  # 200 rows take the plain matmul
-def test_prepacked_bf16_weights_give_the_plain_results(rows):
+def test_prepacked_weights_give_the_plain_results(rows, dtype, tolerance):
+    if not packed_matmul_supported(dtype):
+        pytest.skip(f"this CPU has no oneDNN packed matmul for {dtype}")
     torch.manual_seed(0)
-    attention, mlp = Attention(32, 4, 8).bfloat16(), MlpBlock(32, 64).bfloat16()
-    x = torch.randn(1, rows, 32, dtype=torch.bfloat16)
+    attention, mlp = Attention(32, 4, 8).to(dtype), MlpBlock(32, 64).to(dtype)
+    x = torch.randn(1, rows, 32, dtype=dtype)
     attention.fuse()
     mlp.fuse()
     with torch.inference_mode():
@@ -161,7 +169,7 @@ def test_prepacked_bf16_weights_give_the_plain_results(rows):
         attention.prepack("qkv")
         mlp.prepack()
         packed = attention.project(x, "qkv"), attention.attend(q, q, q, bias), mlp(x)
-    torch.testing.assert_close(packed, plain, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(packed, plain, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
