@@ -124,25 +124,6 @@ def test_loaded_weights_equal_the_file(tiny_model, tiny_params):
         assert torch.equal(state[checkpoint.torch_key(path)], expected), path
 
 
-def test_column_major_leaves_keep_their_values_in_transposed_storage(conformance, tiny_params):
-    with torch.device("meta"):
-        model = UnifiedIO(*load_config(conformance / "tiny" / "config.json"))
-    key = "token_embedder.weight"
-    checkpoint.load_into(model, tiny_params, "tiny", column_major=[key])
-    table = model.token_embedder.weight
-    assert table.stride() == (1, table.shape[0])
-    assert torch.equal(table, torch.from_numpy(np.array(tiny_params["token_embedder/embedding"])))
-    assert all(p.is_contiguous() for name, p in model.named_parameters() if name != key)
-
-
-def test_cpu_fp32_models_store_the_output_embedding_column_major(tiny_model, conformance):
-    from uio.runner import build_model
-
-    assert tiny_model.token_embedder.weight.stride() == (1, tiny_model.token_embedder.weight.shape[0])
-    bf16 = build_model(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin", dtype=torch.bfloat16)
-    assert bf16.token_embedder.weight.is_contiguous()
-
-
 def test_safetensors_checkpoint_loads_the_same(tiny_model, tiny_params, tmp_path, conformance):
     from safetensors.torch import save_file
 

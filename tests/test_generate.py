@@ -7,7 +7,7 @@ import torch
 
 from uio import generate
 from uio.config import UnifiedIOConfig, VAEConfig
-from uio.model.transformer import DecoderCache, StepTraces, UnifiedIO, decode_step
+from uio.model.transformer import DecoderCache, StepTraces, UnifiedIO, decode_step, packed_matmul_supported
 
 SCORE_ATOL = 1e-2  # sums of up to 257 log-probs (the golden README's hint)
 
@@ -164,12 +164,13 @@ def generations(model, traced: bool) -> list[torch.Tensor]:
 
 
 needs_tracing = pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
-PACKED_BF16 = pytest.param(torch.bfloat16, True, id="bf16-packed", marks=pytest.mark.skipif(
-    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16"))
+PACKED = [pytest.param(dtype, True, id=f"{name}-packed", marks=pytest.mark.skipif(
+    not packed_matmul_supported(dtype), reason=f"this CPU has no oneDNN packed matmul for {name}"))
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))]
 
 
 @needs_tracing
-@pytest.mark.parametrize("dtype, packed", [(torch.float32, False), PACKED_BF16])
+@pytest.mark.parametrize("dtype, packed", [(torch.float32, False), *PACKED])
 def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed):
     model = random_model(dtype, packed)
     eager = generations(model, traced=False)

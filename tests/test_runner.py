@@ -189,14 +189,19 @@ def test_bf16_runner_runs_every_output_kind(conformance, test_image):
     assert scores.shape == (1, 1, 2) and np.isfinite(scores).all()
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
-def test_bf16_decoding_with_packed_weights_matches_plain(conformance, test_image):
-    bf16 = make_runner(conformance, dtype="bf16")
-    assert bf16.model.packed_output_rows and bf16.model.decoder.layers[0].mlp.packed
-    call = lambda: bf16.run([test_image], ["what is on the left ?"], output_text_len=6, generate_image=True)  # noqa: E731
+@pytest.mark.parametrize("dtype, rtol", [("fp32", 1e-5), ("bf16", 1e-3)])
+def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image, dtype, rtol):
+    from uio.model.transformer import packed_matmul_supported
+    from uio.runner import resolve_dtype
+
+    if not packed_matmul_supported(resolve_dtype(dtype)):
+        pytest.skip(f"this CPU has no oneDNN packed matmul for {dtype}")
+    runner = make_runner(conformance, dtype=dtype)
+    assert runner.model.packed_output_rows and runner.model.decoder.layers[0].mlp.packed
+    call = lambda: runner.run([test_image], ["what is on the left ?"], output_text_len=6, generate_image=True)  # noqa: E731
     packed = call()
-    bf16.model.drop_packed()
+    runner.model.drop_packed()
     plain = call()
     np.testing.assert_array_equal(packed["text_tokens"], plain["text_tokens"])
     np.testing.assert_array_equal(packed["image_tokens"], plain["image_tokens"])
-    np.testing.assert_allclose(packed["score"], plain["score"], rtol=1e-3)
+    np.testing.assert_allclose(packed["score"], plain["score"], rtol=rtol)

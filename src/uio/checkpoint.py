@@ -17,7 +17,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Collection, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import msgpack
 import torch
@@ -253,14 +253,11 @@ def validate(params: Mapping[str, np.ndarray] | Mapping[str, tuple], expected: M
 
 
 def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: str,
-              dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-              column_major: Collection[str] = ()) -> torch.nn.Module:
+              dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Validate ``params`` against ``model`` (which may live on ``meta``) and assign them to it.
 
     Each leaf is converted one at a time (layout, dtype, device), so peak memory stays at about
-    one copy of the weights beyond what ``params`` itself holds (nothing for a memory map). The
-    2-D parameters named (state-dict keys) in ``column_major`` are stored transposed in memory:
-    same shape and values, strides (1, rows).
+    one copy of the weights beyond what ``params`` itself holds (nothing for a memory map).
     """
     specs = params.specs() if isinstance(params, SafetensorsLeaves) else params
     validate(specs, expected_params(model), name)
@@ -269,13 +266,10 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
         # The memory-mapped leaves are read-only; they are copied right away, never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for path, leaf in params.items():
-            key = torch_key(path)
             tensor = to_torch_layout(path, leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(leaf))
-            transposed = key in column_major
             # One allocation per leaf: a second, freed one would stay in the allocator's heap.
-            placed = (tensor.t() if transposed else tensor).to(device=device, dtype=dtype or torch.float32,
-                                                               memory_format=torch.contiguous_format, copy=True)
-            state[key] = placed.t() if transposed else placed
+            state[torch_key(path)] = tensor.to(device=device, dtype=dtype or torch.float32,
+                                               memory_format=torch.contiguous_format, copy=True)
             if isinstance(params, BinLeaves):
                 params.release(path)
     model.load_state_dict(state, strict=True, assign=True)

@@ -17,7 +17,7 @@ import torch
 from . import generate, processing
 from .checkpoint import load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
-from .model.transformer import StepTraces, UnifiedIO
+from .model.transformer import StepTraces, UnifiedIO, packed_matmul_supported
 from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
     CAPTIONING_PROMPT, DEPTH_PROMPT, GEN_SEGMENTATION_COLOR_NAMES, GEN_SEGMENTATION_COLORS, IMAGE_GENERATION,
     IMAGE_INPAINTING, IMAGE_TAGGING, OBJECT_SEGMENTATION, POSE_ESTIMATION, REFEXP_PROMPT, REGION_CAPTION,
@@ -57,8 +57,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     """Build the network for ``size`` (a size name or config JSON) and load ``param_file`` into it.
 
     The VQGAN runs in bf16 when ``dtype`` is bf16 (its decoded images stay within ~58 dB PSNR of
-    fp32, measured by ``benchmarks/bench_vqgan.py``) and in fp32 otherwise. With ``prepack``, bf16
-    on the CPU also keeps packed copies of the weights a decoding step reads, for faster steps
+    fp32, measured by ``benchmarks/bench_vqgan.py``) and in fp32 otherwise. With ``prepack``, a CPU
+    model also keeps packed copies of the weights a decoding step reads, for faster steps
     (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them). CPU models replay
     their decoding steps from traces (:meth:`UnifiedIO.enable_step_traces`; turn them off with
     ``model.step_traces = None``).
@@ -67,11 +67,10 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     device = torch.device(device)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
-    load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device,
-              column_major=model.column_major_weights(device, dtype))
+    load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     model.fuse_projections()
-    if prepack and dtype == torch.bfloat16 and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if prepack and device.type == "cpu" and packed_matmul_supported(dtype):
         model.prepack_decoder()
     model.eval().requires_grad_(False)
     if device.type == "cpu" and StepTraces.available:

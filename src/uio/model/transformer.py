@@ -55,6 +55,14 @@ class RMSNorm(nn.Module):
         return (normed * weight).to(x.dtype)
 
 
+def packed_matmul_supported(dtype: torch.dtype) -> bool:
+    """Whether :func:`pack_weight` serves ``dtype`` on this CPU: fp32 on x86 (measured there),
+    bf16 where oneDNN has bf16 kernels."""
+    if dtype == torch.float32:
+        return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX")
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def pack_weight(weight: Tensor) -> Tensor:
     """oneDNN's prepacked (blocked) copy of a linear weight, for :func:`linear`."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -62,8 +70,8 @@ def pack_weight(weight: Tensor) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight)``, through ``packed`` (:func:`pack_weight` of ``weight``) for inputs of
-    a few rows: for half precision on the CPU that is 1.5-2.5x faster, as the plain matmul
-    re-blocks the weight on every call."""
+    a few rows: on the CPU that is 1.5-2.5x faster (the plain matmul re-blocks a half-precision
+    weight on every call, and its fp32 kernel for a few rows gains nothing from a second thread)."""
     if packed is None or x.shape[:-1].numel() > PACKED_MAX_ROWS or torch.compiler.is_compiling():
         return F.linear(x, weight)
     if torch.jit.is_tracing():
@@ -501,24 +509,15 @@ class UnifiedIO(nn.Module):
             if isinstance(module, (Attention, MlpBlock)):
                 module.fuse()
 
-    @staticmethod
-    def column_major_weights(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
-        """State-dict keys to store column-major (transposed in memory) on ``device`` in ``dtype``.
-
-        On the CPU in fp32, the token embedding: a decoding step multiplies a few rows by its
-        text or image rows, which MKL streams ~1.3x faster from that layout (cold, 512 columns);
-        lookups of a step's few tokens barely notice. oneDNN's bf16 kernels are slower with it.
-        """
-        return ("token_embedder.weight",) if device.type == "cpu" and dtype == torch.float32 else ()
-
     def output_rows(self, is_image: bool) -> slice:
         """The embedding rows a decoding step scores: image ids or text ids."""
         return slice(self.cfg.vocab_size, None) if is_image else slice(0, self.cfg.vocab_size)
 
     def prepack_decoder(self) -> None:
         """Keep oneDNN-packed copies of every weight a decoding step multiplies by (the decoder's
-        projections, the output embedding's text and image rows): for bf16/fp16 on the CPU a step
-        is then ~1.4x faster, for an extra copy of those weights in memory. Call after
+        projections, the output embedding's text and image rows), for an extra copy of those
+        weights in memory: on the CPU a step is then ~1.4x faster in bf16 and ~1.25x in fp32 (see
+        :func:`linear`). Call after
         :meth:`fuse_projections`; only eager steps use them (compiled graphs pack their own)."""
         for layer in self.decoder.layers:
             layer.self_attention.prepack("qkv")
