@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 SCORE_ATOL = 1e-2
 IMAGE_ATOL = 1e-4
