@@ -7,6 +7,7 @@ import torch
 
 from uio import generate
 from uio.config import UnifiedIOConfig, VAEConfig
+from uio.model import transformer
 from uio.model.transformer import DecoderCache, StepTraces, UnifiedIO, decode_step, packed_matmul_supported
 
 SCORE_ATOL = 1e-2  # sums of up to 257 log-probs (the golden README's hint)
@@ -230,3 +231,30 @@ def test_a_failed_trace_falls_back_to_eager_steps(monkeypatch, caplog):
 
 def test_cpu_models_replay_traced_steps(tiny_model):
     assert isinstance(tiny_model.step_traces, StepTraces) == StepTraces.available
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cpu_steps_attend_in_float32(dtype, monkeypatch):
+    """Half-precision models keep a CPU step's attention state (caches, biases) in fp32, which
+    holds the half-precision values exactly: steps compute what steps on half-precision state and
+    the teacher-forced pass compute, up to the rounding of accumulations (a logit's last bit)."""
+    model = random_model(dtype)
+    enc = random_encoding(model, 2, 5)
+    tokens = torch.randint(2, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def step_logits() -> tuple[DecoderCache, torch.Tensor]:
+        cache = DecoderCache(model, enc, 6, 0)
+        with torch.inference_mode():
+            return cache, torch.stack([decode_step(model, cache, tokens[:, i], i, torch.ones(2, dtype=torch.bool))
+                                       for i in range(6)], dim=1)
+
+    cache, wide = step_logits()
+    assert {cache.keys[0].dtype, cache.cross_kv[0][0].dtype, cache.self_bias.dtype} == {torch.float32}
+    with torch.inference_mode():
+        forced = model.decode(enc, tokens, tokens[:, :0], torch.ones_like(tokens, dtype=torch.bool), tokens[:, :0])
+    monkeypatch.setattr(transformer, "step_attention_dtype", lambda hidden: hidden.dtype)
+    cache, narrow = step_logits()
+    assert cache.keys[0].dtype == dtype
+    ulps = 2 * torch.finfo(dtype).eps  # the logits come out of a half-precision matmul
+    torch.testing.assert_close(wide, narrow, rtol=ulps, atol=ulps)
+    torch.testing.assert_close(wide, forced[..., :model.cfg.vocab_size], rtol=ulps, atol=ulps)

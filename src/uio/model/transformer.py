@@ -179,7 +179,8 @@ class Attention(nn.Module):
                 bias = bias.expand(-1, -1, length, -1).unflatten(0, (-1, sharing)).transpose(1, 2).flatten(2, 3)
         # Also for one decoding step's query: compiled, the fused kernel streams the cached keys
         # and values faster than the mul+sum loops inductor generates for a one-row matmul.
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        # Keys/values may be kept in a wider dtype than q (see step_attention_dtype).
+        x = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias, scale=1.0).to(q.dtype)
         x = x.transpose(1, 2).flatten(2).reshape(rows, length, -1)
         return linear(x, self.out.weight, self.packed.get("out"))
 
@@ -415,7 +416,7 @@ class DecoderLayer(nn.Module):
         q, k, v = attn.project(self.pre_self_attention_layer_norm(x), "qkv")
         if cache is not None:
             keys, values, index = cache
-            k, v = keys.index_copy_(2, index, k), values.index_copy_(2, index, v)
+            k, v = keys.index_copy_(2, index, k.to(keys.dtype)), values.index_copy_(2, index, v.to(values.dtype))
         x = x + attn.attend(q, k, v, self_bias)
         q, = cross.project(self.pre_cross_attention_layer_norm(x), "q")
         x = x + cross.attend(q, *cross_kv, cross_bias)
@@ -623,6 +624,15 @@ class UnifiedIO(nn.Module):
         return dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden), cross_bias)
 
 
+def step_attention_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype of decoding steps' attention (caches, biases, math) for a model computing in
+    ``hidden``'s dtype: float32 for half precision on the CPU, whose attention kernel computes in
+    float32 anyway but for one query row runs 2-4x slower on half-precision keys and values than
+    on float32 ones; the model's dtype elsewhere."""
+    return torch.float32 if hidden.device.type == "cpu" and hidden.dtype in (torch.bfloat16, torch.float16) \
+        else hidden.dtype
+
+
 class DecoderCache:
     """Preallocated state for incremental decoding of ``N`` sequences of ``T`` text + ``I`` image steps,
     ``rows_per_example`` consecutive ones per encoded example (its beams or samples).
@@ -637,15 +647,16 @@ class DecoderCache:
     def __init__(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int,
                  rows_per_example: int = 1):
         cfg, dec = model.cfg, model.decoder
-        n, device, dtype = enc.hidden.shape[0] * rows_per_example, enc.hidden.device, enc.hidden.dtype
+        n, device, dtype = enc.hidden.shape[0] * rows_per_example, enc.hidden.device, step_attention_dtype(enc.hidden)
         self.text_length, self.length = text_length, text_length + image_length
         shape = (n, cfg.num_heads, self.length, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
         self.key_valid = torch.zeros(n, self.length, dtype=torch.bool, device=device)
-        self.cross_kv = dec.cross_kv(enc.hidden)  # one per example, shared by its rows
+        # One per example, shared by its rows; a wider dtype holds the values exactly.
+        self.cross_kv = [[t.to(dtype) for t in kv] for kv in dec.cross_kv(enc.hidden)]
         self.cross_bias = cross_attention_bias(torch.ones_like(enc.mask[:, :1]), enc.mask, dtype)
-        self.self_bias = dec.self_bias(text_length, image_length, device)
+        self.self_bias = dec.self_bias(text_length, image_length, device).to(dtype)
         self.positions = dec.position_ids(text_length, image_length, device)
         self.step_index = torch.arange(self.length, device=device)
 
@@ -705,8 +716,8 @@ class StepTraces:
     reads the weights in place, as constants (packed copies, which cannot be constants, as
     inputs), and keeps the choices the step's Python code made; those depend only on the step
     kind, the number of rows decoded, of examples they belong to, and whether packed copies exist,
-    so there is one trace per (step kind, rows, examples, output length, dtype, device, packed),
-    shared by every prompt length.
+    so there is one trace per (step kind, rows, examples, output length, dtypes of the weights and
+    of the caches, device, packed), shared by every prompt length.
     """
 
     # torch warns that from Python 3.14 on torch.jit.trace "is not supported ... and may break".
@@ -721,7 +732,8 @@ class StepTraces:
         fewer than ``MIN_TRACED_STEPS`` steps of its kind are left (a VQA call's one image step)."""
         packed = model.packed_weights()
         keys, cross_keys, tokens = inputs[0][0], inputs[3][0][0], inputs[-2]
-        key = (is_image, tokens.shape[0], cross_keys.shape[0], keys.shape[2], keys.dtype, keys.device, bool(packed))
+        key = (is_image, tokens.shape[0], cross_keys.shape[0], keys.shape[2], model.token_embedder.weight.dtype,
+               keys.dtype, keys.device, bool(packed))
         args = inputs + (packed,) if packed else inputs  # the tracer refuses an empty list
         trace = self.traces.get(key)
         if trace is None and (steps_left < MIN_TRACED_STEPS or self.failed):
