@@ -30,7 +30,7 @@ import torch
 
 from uio import checkpoint
 from uio.config import CONFIGS, VAE_CONFIG
-from uio.model.transformer import UnifiedIO
+from uio.model.transformer import UnifiedIO, linear, pack_weight, packed_matmul_supported
 from uio.model.vqgan import Upsample
 from uio.processing import preprocess_image
 from uio.runner import ModelRunner, resolve_dtype
@@ -85,13 +85,25 @@ def measure_hardware(dtype: torch.dtype, device: torch.device) -> dict:
     conv = torch.nn.Conv2d(256, 256, 3, padding=1, device=device).to(dtype).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         conv_rate = 2 * 256 * 256 * 9 * 64 * 64 / best_time(lambda: conv(x), device)
-    # Streaming bytes is what bounds a decoding step, whatever their dtype: measured with fp32,
-    # whose CPU matrix-vector kernel is the fastest here, on the faster of both weight layouts.
-    w, v = torch.randn(16384, 4096, device=device), torch.randn(1, 4096, device=device)
-    w_column_major = w.t().contiguous().t()
-    bandwidth = w.numel() * w.element_size() / min(best_time(lambda: v @ w.t(), device),
-                                                    best_time(lambda: v @ w_column_major.t(), device))
-    return {"matmul": matmul, "conv": conv_rate, "bandwidth": bandwidth}
+    return {"matmul": matmul, "conv": conv_rate, "bandwidth": streaming_bandwidth(dtype, device)}
+
+
+def streaming_bandwidth(dtype: torch.dtype, device: torch.device) -> float:
+    """Bytes/s at which the fastest batch-1 matrix-vector product here streams a large weight:
+    what bounds a decoding step, whatever the model's dtype. Measured in fp32 and in ``dtype``,
+    each with the weight row-major, column-major and (CPU) oneDNN-packed as the model's steps use it."""
+    rates = []
+    for weight_dtype in dict.fromkeys((torch.float32, dtype)):
+        row_major = torch.randn(16384, 4096, device=device).to(weight_dtype)
+        column_major = row_major.t().contiguous().t()
+        v = torch.randn(1, 4096, device=device).to(weight_dtype)
+        products = [lambda: v @ row_major.t(), lambda: v @ column_major.t()]
+        if device.type == "cpu" and packed_matmul_supported(weight_dtype):
+            packed = pack_weight(row_major)
+            products.append(lambda: linear(v, row_major, packed))
+        bytes_read = row_major.numel() * row_major.element_size()
+        rates += [bytes_read / best_time(product, device) for product in products]
+    return max(rates)
 
 
 # ---- analytic work per call --------------------------------------------------------------------
