@@ -193,14 +193,16 @@ def make_runner(size: str, path: Path, tokenizer: Path, dtype: str, compiled: bo
                        compiled=compiled)
 
 
-def load_in_fresh_process(size: str, path: Path) -> tuple[float, float]:
-    """(seconds, peak RSS GiB) of ``build_model`` in a new interpreter, so no earlier load or
-    import warms it up (the file itself is in the page cache, having just been written)."""
+def load_in_fresh_process(size: str, path: Path) -> tuple[float, float, float]:
+    """(seconds, peak RSS GiB, GiB of packed weight copies) of ``build_model`` in a new
+    interpreter, so no earlier load or import warms it up (the file itself is in the page cache,
+    having just been written)."""
     code = (f"import time, bench; from uio.runner import build_model; t = time.perf_counter(); "
-            f"build_model({size!r}, {str(path)!r}); print(time.perf_counter() - t, bench.peak_rss_gib())")
+            f"m = build_model({size!r}, {str(path)!r}); print(time.perf_counter() - t, bench.peak_rss_gib(), "
+            f"sum(w.numel() * w.element_size() for w in m.packed_weights()) / 2 ** 30)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent).stdout.split()
-    return float(out[0]), float(out[1])
+    return float(out[0]), float(out[1]), float(out[2])
 
 
 def time_call(fn, runs: int, device: torch.device) -> tuple[float, float, float]:
@@ -239,7 +241,7 @@ def main() -> None:
         st_path = Path(tmp) / f"{args.size}.safetensors"
         checkpoint.write_safetensors(checkpoint.read_bin(bin_path), st_path)
         for path in () if args.no_load else (bin_path, st_path):
-            seconds, peak = load_in_fresh_process(args.size, path)
+            seconds, peak, _ = load_in_fresh_process(args.size, path)
             rows.append((f"load {path.suffix}", 1, "fp32", seconds, seconds, float("nan"), peak))
         for mode in args.modes:  # a fresh process each: no mode inherits another's memory or compiled graphs
             command = [sys.executable, __file__, "--child", str(st_path), "--modes", mode, "--size", args.size,
@@ -294,15 +296,17 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
 
 
 def print_load_table(sizes: list[str]) -> None:
-    """Load time and peak RSS of each size's ``.bin`` in a fresh interpreter, against its weight bytes."""
-    print("| size | fp32 weight GiB | load s | peak RSS GiB | peak - weights GiB |")
-    print("|---|---|---|---|---|")
+    """Load time and peak RSS of each size's ``.bin`` in a fresh interpreter, against its weight
+    bytes and the packed copies kept for decoding steps."""
+    print("| size | fp32 weight GiB | packed copies GiB | load s | peak RSS GiB | peak - weights - copies GiB |")
+    print("|---|---|---|---|---|---|")
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = write_random_checkpoint(size, Path(tmp))
             weights = path.stat().st_size / 2 ** 30
-            seconds, peak = load_in_fresh_process(size, path)
-        print(f"| {size} | {weights:.2f} | {seconds:.2f} | {peak:.2f} | {peak - weights:.2f} |", flush=True)
+            seconds, peak, packed = load_in_fresh_process(size, path)
+        print(f"| {size} | {weights:.2f} | {packed:.2f} | {seconds:.2f} | {peak:.2f} | {peak - weights - packed:.2f} |",
+              flush=True)
 
 
 def print_table(rows, args) -> None:

@@ -204,3 +204,4 @@ def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image,
     np.testing.assert_array_equal(packed["text_tokens"], plain["text_tokens"])
     np.testing.assert_array_equal(packed["image_tokens"], plain["image_tokens"])
     np.testing.assert_allclose(packed["score"], plain["score"], rtol=rtol)
+    assert make_runner(conformance, dtype=dtype, prepack=False).model.packed_weights() == []

@@ -92,12 +92,15 @@ class ModelRunner:
     :param device: ``"cpu"``, ``"cuda"``...; default: CUDA when available
     :param dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` for the transformer
     :param seed: seed of the sampler used by image tasks (sampling is deterministic per call)
+    :param prepack: on the CPU, keep oneDNN-packed copies of the weights a decoding step reads
+        (faster steps, for a third (small) to a half (xl) more weight memory; see :func:`build_model`);
+        pass False where memory is tight
     """
 
     def __init__(self, size: str | os.PathLike, param_file: str | os.PathLike, pad_input_to_max: bool | None = None,
                  max_input_len: int = 64, max_options: int = 800, compiled: bool = False, log_inputs: bool = True,
                  *, tokenizer: str | os.PathLike | T5Tokenizer | None = None, device: str | None = None,
-                 dtype: str | torch.dtype | None = None, seed: int = 0):
+                 dtype: str | torch.dtype | None = None, seed: int = 0, prepack: bool = True):
         self.max_input_len = max_input_len
         self.pad_to_max = compiled if pad_input_to_max is None else pad_input_to_max
         self.max_options = max_options
@@ -108,7 +111,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(dtype)
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
-        self.model = build_model(size, param_file, self.device, self.dtype, prepack=not compiled)
+        self.model = build_model(size, param_file, self.device, self.dtype, prepack=prepack and not compiled)
         if compiled:
             self.model.enable_compile()
 
