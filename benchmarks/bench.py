@@ -121,11 +121,11 @@ def encoder_flops(cfg, text_tokens: int, image_patches: int, batch: int) -> floa
 
 def option_flops(cfg, options: int, positions: int, encoder_length: int) -> float:
     """Teacher-forced decoding of ``options`` answer options of ``positions`` decoder positions
-    each (the text ones, then the one image slot the reference decodes too) against one example:
-    every layer's matmuls and attention, and the text logits the loss needs."""
+    each against one example: every layer's matmuls and attention, and the text logits the loss
+    needs."""
     d, inner, m = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
     per_layer = 2 * (6 * d * inner + 3 * d * m) + 4 * (positions + encoder_length) * inner
-    logits = 2 * (positions - 1) * d * cfg.vocab_size
+    logits = 2 * positions * d * cfg.vocab_size
     return options * (positions * cfg.num_decoder_layers * per_layer + logits)
 
 
@@ -269,7 +269,7 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
     vq = vqgan_flops(runner.model.discrete_vae, device) / hw["conv"]
     depth_floor = enc + text_step + 256 * image_step + vq
     labels = [f"object number {i}" for i in range(OPTIONS)]
-    positions = runner.tokenizer(labels).shape[1] + 2  # start token, the labels' ids and EOS, the image slot
+    positions = runner.tokenizer(labels).shape[1] + 1  # start token, the labels' ids and EOS
     options_floor = enc + option_flops(cfg, OPTIONS, positions, encoder_length) / hw["matmul"]
     calls = {
         "vqa": (lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),

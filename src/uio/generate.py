@@ -183,7 +183,9 @@ def score_text_options(model: UnifiedIO, enc: EncoderOutput, options: Tensor, ma
         inputs, targets, mask = _text_option_batch(chunk)
         n = chunk.shape[0]
         tile = lambda x: x.repeat(batch, 1)  # noqa: E731 - each example's n options in a row (see UnifiedIO.decode)
-        image = torch.zeros(batch * n, 1, dtype=torch.long, device=chunk.device)
+        # No image positions: the reference decodes one (masked) after the text, which a causal
+        # decoder's text positions never see.
+        image = chunk.new_zeros(batch * n, 0)
         losses.append(_option_losses(model, enc, tile(inputs), tile(targets), tile(mask), image, None,
                                      image, average_loss).view(batch, n))
     return torch.cat(losses, dim=1)
