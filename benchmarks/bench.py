@@ -91,7 +91,8 @@ def measure_hardware(dtype: torch.dtype, device: torch.device) -> dict:
 def streaming_bandwidth(dtype: torch.dtype, device: torch.device) -> float:
     """Bytes/s at which the fastest batch-1 matrix-vector product here streams a large weight:
     what bounds a decoding step, whatever the model's dtype. Measured in fp32 and in ``dtype``,
-    each with the weight row-major, column-major and (CPU) oneDNN-packed as the model's steps use it."""
+    each with the weight row-major, column-major and (CPU) oneDNN-packed, as the model's steps
+    pack theirs and for one row."""
     rates = []
     for weight_dtype in dict.fromkeys((torch.float32, dtype)):
         row_major = torch.randn(16384, 4096, device=device).to(weight_dtype)
@@ -99,8 +100,10 @@ def streaming_bandwidth(dtype: torch.dtype, device: torch.device) -> float:
         v = torch.randn(1, 4096, device=device).to(weight_dtype)
         products = [lambda: v @ row_major.t(), lambda: v @ column_major.t()]
         if device.type == "cpu" and packed_matmul_supported(weight_dtype):
-            packed = pack_weight(row_major)
-            products.append(lambda: linear(v, row_major, packed))
+            # Blocked for one row, oneDNN streams this matrix ~1.5x faster than as the model's
+            # steps pack their (narrower) ones, for up to 16 rows.
+            for packed in (pack_weight(row_major), torch.ops.mkldnn._reorder_linear_weight(row_major, 1)):
+                products.append(lambda packed=packed: linear(v, row_major, packed))
         bytes_read = row_major.numel() * row_major.element_size()
         rates += [bytes_read / best_time(product, device) for product in products]
     return max(rates)
@@ -252,46 +255,52 @@ def main() -> None:
 
 
 def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
-    """Table rows for one mode: each call's first and median seconds, floor and peak RSS."""
+    """Table rows for one mode: each call's first and median seconds, floor and peak RSS.
+
+    A floor is the call's work (matmul FLOPs, conv FLOPs, streamed bytes) at the best rates
+    measured before and after the calls: this machine's memory bandwidth varies from moment to
+    moment by up to ~1.5x."""
     cfg = CONFIGS[args.size]
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     dtype_name, compiled = mode.split("+")[0], mode.endswith("+compile")
     dtype, device = resolve_dtype(dtype_name), torch.device(args.device)
-    hw = measure_hardware(dtype, device)
+    rates = measure_hardware(dtype, device)
     runner = make_runner(args.size, checkpoint_path, tokenizer_source(), dtype_name, compiled, args.device)
-    prompt_len = runner.tokenizer(["what color is the sofa ?"]).shape[1]
+    question = "what color is the sofa ?"
+    prompt_len = runner.tokenizer([question]).shape[1]
     esize = torch.finfo(dtype).bits // 8
     patches = int(preprocess_image(image)[1].sum())  # the rest pad the image to a square
-    enc = encoder_flops(cfg, prompt_len, patches, 1) / hw["matmul"]
     encoder_length = prompt_len + patches
-    text_step, image_step = (step_bytes(cfg, image, esize, encoder_length, 1) / hw["bandwidth"]
+    enc = np.array([encoder_flops(cfg, prompt_len, patches, 1), 0, 0])
+    text_step, image_step = (np.array([0, 0, step_bytes(cfg, image, esize, encoder_length, 1)])
                              for image in (False, True))
-    vq = vqgan_flops(runner.model.discrete_vae, device) / hw["conv"]
-    depth_floor = enc + text_step + 256 * image_step + vq
+    vq = np.array([0, vqgan_flops(runner.model.discrete_vae, device), 0])
+    depth = enc + text_step + 256 * image_step + vq
     labels = [f"object number {i}" for i in range(OPTIONS)]
     positions = runner.tokenizer(labels).shape[1] + 1  # start token, the labels' ids and EOS
-    options_floor = enc + option_flops(cfg, OPTIONS, positions, encoder_length) / hw["matmul"]
-    calls = {
-        "vqa": (lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
-        "depth (beam)": (lambda: runner.depth(image, beam_search=True), depth_floor),
-        "depth (sampling)": (lambda: runner.depth(image), depth_floor),
-        "vqgan decode": (lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long, device=device)), vq),
-        f"classify ({OPTIONS} options)": (lambda: runner.image_classification(image, answer_options=labels),
-                                          options_floor),
+    calls = {  # name: (batch, call, work as [matmul FLOPs, conv FLOPs, streamed bytes])
+        "vqa": (1, lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
+        "depth (beam)": (1, lambda: runner.depth(image, beam_search=True), depth),
+        "depth (sampling)": (1, lambda: runner.depth(image), depth),
+        "vqgan decode": (1, lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long, device=device)), vq),
+        f"classify ({OPTIONS} options)": (1, lambda: runner.image_classification(image, answer_options=labels),
+                                          enc + [option_flops(cfg, OPTIONS, positions, encoder_length), 0, 0]),
     }
-    rows = []
-    for name, (fn, floor) in calls.items():
-        first, median, peak = time_call(fn, args.runs, device)
-        rows.append((name, 1, mode, first, median, floor, peak))
     for batch in args.batches:
-        prompt = ["what color is the sofa ?"] * batch
-        fn = lambda b=batch: runner.run([image] * b, prompt[:b], output_text_len=32)  # noqa: E731
-        floor = (encoder_flops(cfg, prompt_len, patches, batch) / hw["matmul"]
-                 + 33 * step_bytes(cfg, False, esize, encoder_length, batch) / hw["bandwidth"])
-        first, median, peak = time_call(fn, args.runs, device)
-        rows.append((f"vqa batch ({batch / median:.2f} ex/s)", batch, mode, first, median, floor, peak))
-    print(f"# {mode}: matmul {hw['matmul'] / 1e9:.0f} GFLOP/s, conv {hw['conv'] / 1e9:.0f} GFLOP/s, "
-          f"weight streaming {hw['bandwidth'] / 1e9:.1f} GB/s", file=sys.stderr)
+        run = lambda b=batch: runner.run([image] * b, [question] * b, output_text_len=32)  # noqa: E731
+        calls[f"vqa batch {batch}"] = (batch, run, [encoder_flops(cfg, prompt_len, patches, batch), 0,
+                                                    33 * step_bytes(cfg, False, esize, encoder_length, batch)])
+    timings = {name: time_call(fn, args.runs, device) for name, (_, fn, _) in calls.items()}
+    later = measure_hardware(dtype, device)
+    rates = {key: max(rate, later[key]) for key, rate in rates.items()}
+    seconds_per_unit = np.array([1 / rates["matmul"], 1 / rates["conv"], 1 / rates["bandwidth"]])
+    print(f"# {mode}: matmul {rates['matmul'] / 1e9:.0f} GFLOP/s, conv {rates['conv'] / 1e9:.0f} GFLOP/s, "
+          f"weight streaming {rates['bandwidth'] / 1e9:.1f} GB/s (best before/after the calls)", file=sys.stderr)
+    rows = []
+    for name, (batch, _, work) in calls.items():
+        first, median, peak = timings[name]
+        label = f"vqa batch ({batch / median:.2f} ex/s)" if name.startswith("vqa batch") else name
+        rows.append((label, batch, mode, first, median, float(np.dot(work, seconds_per_unit)), peak))
     return rows
 
 
