@@ -314,7 +314,8 @@ def load_runner(args: argparse.Namespace):
     from .runner import ModelRunner
 
     return ModelRunner.from_pretrained(model_spec(args), weights=args.weights, tokenizer=args.tokenizer,
-                                       device=args.device, dtype=args.dtype, seed=args.seed, log_inputs=False)
+                                       device=args.device, dtype=args.dtype, seed=args.seed, log_inputs=False,
+                                       prepack=args.prepack)
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
@@ -660,6 +661,8 @@ def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]
     search.add_argument("--sample", dest="beam_search", action="store_const", const=False,
                         help="decode by top-p sampling (default for image outputs and pose)")
     group.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    group.add_argument("--no-prepack", dest="prepack", action="store_false",
+                       help="on the CPU, keep no packed copies of the decoder's weights: less memory, slower decoding")
     return base, model
 
 
