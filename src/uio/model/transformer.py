@@ -521,8 +521,8 @@ class UnifiedIO(nn.Module):
         """Keep oneDNN-packed copies of every weight a decoding step multiplies by (the decoder's
         projections, the output embedding's text and image rows), for an extra copy of those
         weights in memory: on the CPU a step is then ~1.4x faster in bf16 and ~1.25x in fp32 (see
-        :func:`linear`). Call after
-        :meth:`fuse_projections`; only eager steps use them (compiled graphs pack their own)."""
+        :func:`linear`). Call after :meth:`fuse_projections`; only eager steps use them (compiled
+        graphs pack their own)."""
         for layer in self.decoder.layers:
             layer.self_attention.prepack("qkv")
             layer.encoder_decoder_attention.prepack("q")
@@ -632,8 +632,8 @@ def step_attention_dtype(hidden: Tensor) -> torch.dtype:
     ``hidden``'s dtype: float32 for half precision on the CPU, whose attention kernel computes in
     float32 anyway but for one query row runs 2-4x slower on half-precision keys and values than
     on float32 ones; the model's dtype elsewhere."""
-    return torch.float32 if hidden.device.type == "cpu" and hidden.dtype in (torch.bfloat16, torch.float16) \
-        else hidden.dtype
+    half = hidden.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if half and hidden.device.type == "cpu" else hidden.dtype
 
 
 class DecoderCache:
@@ -641,10 +641,10 @@ class DecoderCache:
     ``rows_per_example`` consecutive ones per encoded example (its beams or samples).
 
     Holds each layer's self-attention keys/values, the cross-attention keys/values projected once,
-    the position-bias table for the whole output, and which cached keys are still attendable
-    (the reference masks a sequence's keys from the step whose input follows an EOS onwards).
-    Every step sees tensors of the same shapes (keys not yet written are masked), so a step can
-    be compiled once and replayed.
+    the position-bias table for the whole output (those three in :func:`step_attention_dtype`),
+    and which cached keys are still attendable (the reference masks a sequence's keys from the
+    step whose input follows an EOS onwards). Every step sees tensors of the same shapes (keys not
+    yet written are masked), so a step can be compiled once and replayed.
     """
 
     def __init__(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int,
