@@ -102,7 +102,7 @@ def streaming_bandwidth(dtype: torch.dtype, device: torch.device) -> float:
         if device.type == "cpu" and packed_matmul_supported(weight_dtype):
             # Blocked for one row, oneDNN streams this matrix ~1.5x faster than as the model's
             # steps pack their (narrower) ones, for up to 16 rows.
-            for packed in (pack_weight(row_major), torch.ops.mkldnn._reorder_linear_weight(row_major, 1)):
+            for packed in (pack_weight(row_major), pack_weight(row_major, rows=1)):
                 products.append(lambda packed=packed: linear(v, row_major, packed))
         bytes_read = row_major.numel() * row_major.element_size()
         rates += [bytes_read / best_time(product, device) for product in products]

@@ -66,9 +66,9 @@ def packed_matmul_supported(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pack_weight(weight: Tensor) -> Tensor:
-    """oneDNN's prepacked (blocked) copy of a linear weight, for :func:`linear`."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_BLOCKING_ROWS)
+def pack_weight(weight: Tensor, rows: int = PACKED_BLOCKING_ROWS) -> Tensor:
+    """oneDNN's prepacked copy of a linear weight, for :func:`linear`, blocked for ``rows`` input rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
 def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
