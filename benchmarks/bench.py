@@ -30,6 +30,7 @@ import torch
 
 from uio import checkpoint
 from uio.config import CONFIGS, VAE_CONFIG
+from uio.model.hardware import cpu_has_bf16_kernels
 from uio.model.transformer import UnifiedIO, linear, pack_weight, packed_matmul_supported
 from uio.model.vqgan import Upsample
 from uio.processing import preprocess_image
@@ -77,36 +78,50 @@ def best_time(fn, device: torch.device, repeats: int = 20) -> float:
     return min(seconds(fn, device) for _ in range(repeats))
 
 
+def native_dtypes(dtype: torch.dtype, device: torch.device) -> list[torch.dtype]:
+    """fp32, and ``dtype`` unless this CPU only emulates it (there it is slower than fp32)."""
+    emulated = device.type == "cpu" and (
+        (dtype == torch.bfloat16 and not cpu_has_bf16_kernels())
+        or (dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported()))
+    return [torch.float32] if emulated else list(dict.fromkeys((torch.float32, dtype)))
+
+
 def measure_hardware(dtype: torch.dtype, device: torch.device) -> dict:
-    """Matmul and 3x3-conv FLOP/s, and batch-1 matrix-vector weight-streaming bytes/s."""
+    """What the hardware allows for a ``dtype`` model: the best matmul and 3x3-conv FLOP/s and
+    batch-1 matrix-vector weight-streaming bytes/s, over fp32 and ``dtype`` (where native)."""
+    dtypes = native_dtypes(dtype, device)
+    return {"matmul": max(matmul_rate(d, device) for d in dtypes),
+            "conv": max(conv_rate(d, device) for d in dtypes),
+            "bandwidth": max(streaming_bandwidth(d, device) for d in dtypes)}
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
     a, b = (torch.randn(shape, dtype=dtype, device=device) for shape in ((1024, 2048), (2048, 2048)))
-    matmul = 2 * 1024 * 2048 * 2048 / best_time(lambda: a @ b, device)
+    return 2 * 1024 * 2048 * 2048 / best_time(lambda: a @ b, device)
+
+
+def conv_rate(dtype: torch.dtype, device: torch.device) -> float:
     x = torch.randn(1, 256, 64, 64, dtype=dtype, device=device).to(memory_format=torch.channels_last)
     conv = torch.nn.Conv2d(256, 256, 3, padding=1, device=device).to(dtype).to(memory_format=torch.channels_last)
     with torch.inference_mode():
-        conv_rate = 2 * 256 * 256 * 9 * 64 * 64 / best_time(lambda: conv(x), device)
-    return {"matmul": matmul, "conv": conv_rate, "bandwidth": streaming_bandwidth(dtype, device)}
+        return 2 * 256 * 256 * 9 * 64 * 64 / best_time(lambda: conv(x), device)
 
 
 def streaming_bandwidth(dtype: torch.dtype, device: torch.device) -> float:
-    """Bytes/s at which the fastest batch-1 matrix-vector product here streams a large weight:
-    what bounds a decoding step, whatever the model's dtype. Measured in fp32 and in ``dtype``,
-    each with the weight row-major, column-major and (CPU) oneDNN-packed, as the model's steps
-    pack theirs and for one row."""
-    rates = []
-    for weight_dtype in dict.fromkeys((torch.float32, dtype)):
-        row_major = torch.randn(16384, 4096, device=device).to(weight_dtype)
-        column_major = row_major.t().contiguous().t()
-        v = torch.randn(1, 4096, device=device).to(weight_dtype)
-        products = [lambda: v @ row_major.t(), lambda: v @ column_major.t()]
-        if device.type == "cpu" and packed_matmul_supported(weight_dtype):
-            # Blocked for one row, oneDNN streams this matrix ~1.5x faster than as the model's
-            # steps pack their (narrower) ones, for up to 16 rows.
-            for packed in (pack_weight(row_major), pack_weight(row_major, rows=1)):
-                products.append(lambda packed=packed: linear(v, row_major, packed))
-        bytes_read = row_major.numel() * row_major.element_size()
-        rates += [bytes_read / best_time(product, device) for product in products]
-    return max(rates)
+    """Bytes/s at which the fastest batch-1 matrix-vector product here streams a large ``dtype``
+    weight: what bounds a decoding step. The weight is row-major, column-major and (CPU)
+    oneDNN-packed, as the model's steps pack theirs and for one row."""
+    row_major = torch.randn(16384, 4096, device=device).to(dtype)
+    column_major = row_major.t().contiguous().t()
+    v = torch.randn(1, 4096, device=device).to(dtype)
+    products = [lambda: v @ row_major.t(), lambda: v @ column_major.t()]
+    if device.type == "cpu" and packed_matmul_supported(dtype):
+        # Blocked for one row, oneDNN streams this matrix ~1.5x faster than as the model's
+        # steps pack their (narrower) ones, for up to 16 rows.
+        for packed in (pack_weight(row_major), pack_weight(row_major, rows=1)):
+            products.append(lambda packed=packed: linear(v, row_major, packed))
+    bytes_read = row_major.numel() * row_major.element_size()
+    return max(bytes_read / best_time(product, device) for product in products)
 
 
 # ---- analytic work per call --------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 SCORE_ATOL = 1e-2
 IMAGE_ATOL = 1e-4
@@ -176,9 +177,14 @@ def test_compiled_runner_matches_eager(conformance, runner, test_image):
 
 
 def test_bf16_runner_runs_every_output_kind(conformance, test_image):
-    """bf16 weights (VQGAN too): outputs have the documented types and ranges."""
+    """bf16 weights (the VQGAN's where the CPU has bf16 kernels): outputs have the documented
+    types and ranges."""
+    from uio.model.hardware import cpu_has_bf16_kernels
+
     bf16 = make_runner(conformance, dtype="bf16")
-    assert bf16.model.token_embedder.weight.dtype == bf16.model.discrete_vae.quantize.weight.dtype
+    assert bf16.model.token_embedder.weight.dtype == torch.bfloat16
+    vqgan_dtype = torch.bfloat16 if cpu_has_bf16_kernels() else torch.float32
+    assert bf16.model.discrete_vae.quantize.weight.dtype == vqgan_dtype
     depth = bf16.depth(test_image, beam_search=True)
     assert depth["image"].dtype == np.float32 and 0 <= depth["image"].min() <= depth["image"].max() <= 1
     assert depth["rescaled_image"].shape == test_image.shape
@@ -186,6 +192,20 @@ def test_bf16_runner_runs_every_output_kind(conformance, test_image):
     scores = bf16.run([test_image], ["what ?"], output_text_len=1, generate_image=True,
                       answer_options=[test_image, test_image[::2]])["all_scores"]
     assert scores.shape == (1, 1, 2) and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("bf16_kernels", [True, False])
+def test_bf16_vqgan_only_where_the_cpu_has_bf16_kernels(conformance, monkeypatch, caplog, bf16_kernels):
+    """Emulated bf16 convolutions are ~8x slower than fp32 ones: without bf16 kernels the VQGAN
+    stays fp32 and the user is told why bf16 is slow here."""
+    from uio import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "cpu_has_bf16_kernels", lambda: bf16_kernels)
+    with caplog.at_level("WARNING", logger="uio.runner"):
+        model = make_runner(conformance, dtype="bf16").model
+    assert model.discrete_vae.quantize.weight.dtype == (torch.bfloat16 if bf16_kernels else torch.float32)
+    assert model.token_embedder.weight.dtype == torch.bfloat16
+    assert ("no bf16 kernels" in caplog.text) != bf16_kernels
 
 
 @pytest.mark.parametrize("dtype, rtol", [("fp32", 1e-5), ("bf16", 1e-3)])

@@ -172,6 +172,27 @@ def test_prepacked_weights_give_the_plain_results(rows, dtype, tolerance):
     torch.testing.assert_close(packed, plain, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("bf16_kernels", [True, False])
+def test_bf16_matmuls_of_many_rows_run_in_fp32_where_bf16_is_emulated(monkeypatch, bf16_kernels):
+    """Emulated bf16 matmuls are ~6x slower than fp32 ones for an encoder's rows: without bf16
+    kernels a bf16 matmul of more than a few rows multiplies in fp32 and rounds to bf16."""
+    from uio.model import transformer
+
+    monkeypatch.setattr(transformer, "cpu_has_bf16_kernels", lambda: bf16_kernels)
+    seen, plain_linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: seen.append(w.dtype) or plain_linear(x, w))
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64, dtype=torch.bfloat16)
+    few, many = transformer.EMULATED_BF16_MAX_ROWS, transformer.EMULATED_BF16_MAX_ROWS + 1
+    for rows in (few, many, 300):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        got = transformer.linear(x, weight)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), plain_linear(x.float(), weight.float()), rtol=1e-2, atol=2e-2)
+    many_rows = torch.bfloat16 if bf16_kernels else torch.float32
+    assert seen == [torch.bfloat16, many_rows, many_rows]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [4, 300])  # a decoding step's size (one-kernel path), an encoder's (plain path)
 def test_rms_norm_computes_torchs_rms_norm_in_float32(rows, dtype):

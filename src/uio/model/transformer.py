@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UnifiedIOConfig
+from .hardware import cpu_has_bf16_kernels
 
 log = logging.getLogger(__name__)
 MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
@@ -31,6 +32,9 @@ PACKED_MAX_ROWS = 64  # prepacked weights serve decoding steps; larger inputs us
 # The number of input rows packed weights are blocked for: with 16, oneDNN's blocking streams an
 # fp32 step's weights 1.3-1.7x faster for 2-8 rows than when blocked for 1 row, and no slower for 1.
 PACKED_BLOCKING_ROWS = 16
+# On a CPU without bf16 kernels, bf16 matmuls are emulated at ~10 GFLOP/s: beyond this many rows it
+# is faster to multiply in fp32 (converting the weight costs about as much as 4-6 emulated rows).
+EMULATED_BF16_MAX_ROWS = 6
 MAX_STEP_TRACES = 64  # step shapes kept traced (see StepTraces); a few recur in practice
 MIN_TRACED_STEPS = 8  # making a trace takes about as long as 8 steps: fewer steps left run eagerly
 
@@ -63,7 +67,7 @@ def packed_matmul_supported(dtype: torch.dtype) -> bool:
     bf16 where oneDNN has bf16 kernels."""
     if dtype == torch.float32:
         return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX")
-    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.bfloat16 and cpu_has_bf16_kernels()
 
 
 def pack_weight(weight: Tensor, rows: int = PACKED_BLOCKING_ROWS) -> Tensor:
@@ -75,13 +79,21 @@ def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight)``, through ``packed`` (:func:`pack_weight` of ``weight``) for inputs of
     a few rows: on the CPU that is 1.5-2.5x faster (the plain matmul re-blocks a half-precision
     weight on every call, and its fp32 kernel for a few rows gains nothing from a second thread)."""
-    if packed is None or x.shape[:-1].numel() > PACKED_MAX_ROWS or torch.compiler.is_compiling():
+    rows = x.shape[:-1].numel()
+    if packed is None or rows > PACKED_MAX_ROWS or torch.compiler.is_compiling():
+        if rows > EMULATED_BF16_MAX_ROWS and emulates_bf16(x):
+            return F.linear(x.float(), weight.float()).to(x.dtype)
         return F.linear(x, weight)
     if torch.jit.is_tracing():
         # The tracer cannot record the op's (empty) list of optional scalars; a call of the
         # scripted function can be recorded, and runs the same op.
         return _scripted_packed_linear()(x, packed)
     return _packed_linear(x, packed)
+
+
+def emulates_bf16(x: Tensor) -> bool:
+    """Whether ``x`` is a bf16 tensor on a CPU without bf16 kernels (where bf16 matmuls are emulated)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_bf16_kernels()
 
 
 def _packed_linear(x: Tensor, packed: Tensor) -> Tensor:
@@ -290,9 +302,12 @@ def position_bias(pos_emb: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, num_hea
                   relative: Tensor) -> Tensor:
     """(L, D) normed position embeddings -> (H, L, L) absolute bias, scaled by
     (emb_dim/num_heads)^-0.5, plus the ``relative`` (H, L, L) bias (added within the matmul)."""
-    q = q_proj(pos_emb).unflatten(-1, (num_heads, -1)).transpose(0, 1)
-    k = k_proj(pos_emb).unflatten(-1, (num_heads, -1)).transpose(0, 1)
-    return torch.baddbmm(relative, q, k.transpose(1, 2), alpha=float(emb_dim / num_heads) ** -0.5)
+    q = linear(pos_emb, q_proj.weight).unflatten(-1, (num_heads, -1)).transpose(0, 1)
+    k = linear(pos_emb, k_proj.weight).unflatten(-1, (num_heads, -1)).transpose(0, 1)
+    wide = torch.float32 if emulates_bf16(q) else q.dtype  # see EMULATED_BF16_MAX_ROWS
+    bias = torch.baddbmm(relative.to(wide), q.to(wide), k.to(wide).transpose(1, 2),
+                         alpha=float(emb_dim / num_heads) ** -0.5)
+    return bias.to(relative.dtype)
 
 
 class EncoderLayer(nn.Module):
@@ -379,7 +394,7 @@ class Encoder(nn.Module):
 
         seg = self.segment_embedding.weight
         txt = token_embedder(tokens) + seg[0] + text_pos
-        img = self.image_projection(patches) + seg[1] + image_pos
+        img = linear(patches, self.image_projection.weight) + seg[1] + image_pos
         x = torch.cat([self.txt_emb_pre_ln(txt), self.img_emb_pre_ln(img)], dim=1)
         pos = torch.cat([text_pos, image_pos], dim=0)
         mask = torch.cat([text_mask.int(), image_mask.int()], dim=1)

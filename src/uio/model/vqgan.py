@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from uio.config import VAEConfig
+from uio.model.hardware import cpu_has_bf16_kernels
 
 _GROUPS = 32
 _EPS = 1e-6
 _HALF = (torch.float16, torch.bfloat16)
 _MKLDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise") \
     and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
-# oneDNN's bf16 convolutions need AVX-512 (or AVX-NE-CONVERT); elsewhere bf16 runs F.conv2d.
-_PACKABLE = (torch.float32, torch.bfloat16) if _MKLDNN_CONV and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-    else (torch.float32,)
+# oneDNN's prepacking of bf16 convolution weights needs the CPU's bf16 support; elsewhere F.conv2d.
+_PACKABLE = (torch.float32, torch.bfloat16) if cpu_has_bf16_kernels() else (torch.float32,)
 # Cap on the (rows x codebook) distance matrix built per step of encode_to_codes, in elements.
 _DIST_CHUNK_ELEMS = 1 << 24
 # Elements per row chunk in the channels-last GroupNorm (1 MB of float32: temporaries stay in cache).
