@@ -30,7 +30,7 @@ import torch
 
 from uio import checkpoint
 from uio.config import CONFIGS, VAE_CONFIG
-from uio.model.hardware import cpu_has_bf16_kernels
+from uio.model.hardware import computes_natively
 from uio.model.transformer import UnifiedIO, linear, pack_weight, packed_matmul_supported
 from uio.model.vqgan import Upsample
 from uio.processing import preprocess_image
@@ -78,18 +78,10 @@ def best_time(fn, device: torch.device, repeats: int = 20) -> float:
     return min(seconds(fn, device) for _ in range(repeats))
 
 
-def native_dtypes(dtype: torch.dtype, device: torch.device) -> list[torch.dtype]:
-    """fp32, and ``dtype`` unless this CPU only emulates it (there it is slower than fp32)."""
-    emulated = device.type == "cpu" and (
-        (dtype == torch.bfloat16 and not cpu_has_bf16_kernels())
-        or (dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported()))
-    return [torch.float32] if emulated else list(dict.fromkeys((torch.float32, dtype)))
-
-
 def measure_hardware(dtype: torch.dtype, device: torch.device) -> dict:
     """What the hardware allows for a ``dtype`` model: the best matmul and 3x3-conv FLOP/s and
     batch-1 matrix-vector weight-streaming bytes/s, over fp32 and ``dtype`` (where native)."""
-    dtypes = native_dtypes(dtype, device)
+    dtypes = [d for d in dict.fromkeys((torch.float32, dtype)) if computes_natively(d, device)]
     return {"matmul": max(matmul_rate(d, device) for d in dtypes),
             "conv": max(conv_rate(d, device) for d in dtypes),
             "bandwidth": max(streaming_bandwidth(d, device) for d in dtypes)}

@@ -200,7 +200,7 @@ def test_bf16_vqgan_only_where_the_cpu_has_bf16_kernels(conformance, monkeypatch
     stays fp32 and the user is told why bf16 is slow here."""
     from uio import runner as runner_module
 
-    monkeypatch.setattr(runner_module, "cpu_has_bf16_kernels", lambda: bf16_kernels)
+    monkeypatch.setattr(runner_module, "computes_natively", lambda dtype, device: bf16_kernels)
     with caplog.at_level("WARNING", logger="uio.runner"):
         model = make_runner(conformance, dtype="bf16").model
     assert model.discrete_vae.quantize.weight.dtype == (torch.bfloat16 if bf16_kernels else torch.float32)

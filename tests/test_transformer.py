@@ -178,7 +178,7 @@ def test_bf16_matmuls_of_many_rows_run_in_fp32_where_bf16_is_emulated(monkeypatc
     kernels a bf16 matmul of more than a few rows multiplies in fp32 and rounds to bf16."""
     from uio.model import transformer
 
-    monkeypatch.setattr(transformer, "cpu_has_bf16_kernels", lambda: bf16_kernels)
+    monkeypatch.setattr(transformer, "computes_natively", lambda dtype, device: bf16_kernels)
     seen, plain_linear = [], torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: seen.append(w.dtype) or plain_linear(x, w))
     torch.manual_seed(0)

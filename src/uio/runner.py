@@ -17,7 +17,7 @@ import torch
 from . import generate, processing
 from .checkpoint import load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
-from .model.hardware import cpu_has_bf16_kernels
+from .model.hardware import computes_natively
 from .model.transformer import StepTraces, UnifiedIO, packed_matmul_supported
 from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
     CAPTIONING_PROMPT, DEPTH_PROMPT, GEN_SEGMENTATION_COLOR_NAMES, GEN_SEGMENTATION_COLORS, IMAGE_GENERATION,
@@ -59,7 +59,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
 
     The VQGAN runs in bf16 when ``dtype`` is bf16 (its decoded images stay within ~58 dB PSNR of
     fp32, measured by ``benchmarks/bench_vqgan.py``), except on a CPU without bf16 kernels (see
-    :func:`~uio.model.hardware.cpu_has_bf16_kernels`), and in fp32 otherwise. With ``prepack``, a CPU
+    :func:`~uio.model.hardware.computes_natively`), and in fp32 otherwise. With ``prepack``, a CPU
     model also keeps packed copies of the weights a decoding step reads, for faster steps
     (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them). CPU models replay
     their decoding steps from traces (:meth:`UnifiedIO.enable_step_traces`; turn them off with
@@ -70,7 +70,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
     load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
-    native_bf16 = device.type != "cpu" or cpu_has_bf16_kernels()
+    native_bf16 = computes_natively(torch.bfloat16, device)
     if dtype == torch.bfloat16 and not native_bf16:
         log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): bf16 halves the weights' memory "
                     "and speeds up decoding one example at a time, but batches decode slower than in fp32; "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UnifiedIOConfig
-from .hardware import cpu_has_bf16_kernels
+from .hardware import computes_natively, cpu_has_bf16_kernels
 
 log = logging.getLogger(__name__)
 MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
@@ -93,7 +93,7 @@ def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
 
 def emulates_bf16(x: Tensor) -> bool:
     """Whether ``x`` is a bf16 tensor on a CPU without bf16 kernels (where bf16 matmuls are emulated)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_bf16_kernels()
+    return x.dtype == torch.bfloat16 and not computes_natively(x.dtype, x.device)
 
 
 def _packed_linear(x: Tensor, packed: Tensor) -> Tensor:
