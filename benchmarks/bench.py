@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -175,14 +176,29 @@ def vqgan_flops(vqgan, device: torch.device) -> float:
 
 # ---- setup -------------------------------------------------------------------------------------
 
+class RandomLeaves(Mapping):
+    """Every leaf of a ``size`` checkpoint (flax path -> float32 array drawn from N(0, 0.02)),
+    each made when it is read, so that writing even ``xl`` holds one leaf at a time."""
+
+    def __init__(self, size: str):
+        with torch.device("meta"):
+            self.spec = checkpoint.expected_params(UnifiedIO(CONFIGS[size], VAE_CONFIG))
+        self.seeds = {path: seed for seed, path in enumerate(self.spec)}
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        generator = torch.Generator().manual_seed(self.seeds[path])
+        return torch.empty(self.spec[path][0]).normal_(0, 0.02, generator=generator).numpy()
+
+    def __iter__(self):
+        return iter(self.spec)
+
+    def __len__(self) -> int:
+        return len(self.spec)
+
+
 def write_random_checkpoint(size: str, folder: Path) -> Path:
-    torch.manual_seed(0)
-    model = UnifiedIO(CONFIGS[size], VAE_CONFIG)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.02)
     out = folder / f"{size}.bin"
-    checkpoint.write_bin(checkpoint.params_from_model(model), out)
+    checkpoint.write_bin(RandomLeaves(size), out)
     return out
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
+from typing import Mapping
 
 import numpy as np
 import pytest
@@ -49,6 +51,50 @@ def test_tiny_reads_and_round_trips(conformance, tiny_params, tiny_spec, tmp_pat
     out = tmp_path / "copy.bin"
     checkpoint.write_bin(tiny_params, out)
     assert out.read_bytes() == (conformance / "tiny" / "tiny.bin").read_bytes()
+
+
+class _LazyLeaves(Mapping):
+    """Arrays made on access, as a random-checkpoint writer would pass them; records the peak
+    number of its arrays alive at once. ``fail_at``: the index of a leaf whose access raises."""
+
+    def __init__(self, count: int, shape: tuple[int, ...], fail_at: int | None = None):
+        self.keys_ = [f"layers_{i}/mlp/kernel" for i in range(count)]
+        self.shape, self.fail_at = shape, fail_at
+        self.alive = self.peak_alive = 0
+
+    def __getitem__(self, key):
+        if self.keys_.index(key) == self.fail_at:
+            raise RuntimeError("cannot make this leaf")
+        array = np.full(self.shape, self.keys_.index(key), np.float32)
+        self.alive += 1
+        self.peak_alive = max(self.peak_alive, self.alive)
+        weakref.finalize(array, self._freed)
+        return array
+
+    def _freed(self):
+        self.alive -= 1
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self):
+        return len(self.keys_)
+
+
+def test_write_bin_makes_one_leaf_at_a_time(tmp_path):
+    leaves = _LazyLeaves(12, (64, 32))
+    checkpoint.write_bin(leaves, tmp_path / "lazy.bin")
+    assert leaves.peak_alive == 1
+    back = checkpoint.read_bin(tmp_path / "lazy.bin")
+    assert sorted(back) == sorted(leaves)
+    for key in leaves:
+        np.testing.assert_array_equal(back[key], np.full((64, 32), leaves.keys_.index(key), np.float32))
+
+
+def test_failed_write_bin_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot make this leaf"):
+        checkpoint.write_bin(_LazyLeaves(6, (4, 4), fail_at=3), tmp_path / "broken.bin")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_leaves_are_views_of_the_file(tiny_params):

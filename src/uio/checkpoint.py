@@ -164,24 +164,38 @@ class BinLeaves(dict):
 
 
 def write_bin(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Write ``{"a/b/kernel": array}`` in the released ``.bin`` format (keys sorted, as flax does)."""
+    """Write ``{"a/b/kernel": array}`` in the released ``.bin`` format (keys sorted, as flax does).
+
+    The file is written one leaf at a time, and each value of ``params`` is read only when its
+    leaf is written, so a lazy mapping that makes its arrays on access never holds more than one.
+    """
     tree: dict = {}
-    for key, value in params.items():
+    for key in params:
         node = tree
         *parents, leaf = key.split("/")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
+        node[leaf] = key
+    packer = msgpack.Packer(use_bin_type=True)
 
-    def pack(node):
-        if isinstance(node, dict):
-            return {k: pack(node[k]) for k in sorted(node)}
-        return msgpack.ExtType(NDARRAY_EXT, msgpack.packb((node.shape, node.dtype.name, node.tobytes()),
-                                                          use_bin_type=True))
+    def write(node, f) -> None:
+        if not isinstance(node, dict):
+            value = np.require(params[node], requirements="C")  # keeps 0-d arrays 0-d
+            raw = packer.pack((value.shape, value.dtype.name, value.tobytes()))
+            f.write(packer.pack(msgpack.ExtType(NDARRAY_EXT, raw)))
+            return
+        f.write(packer.pack_map_header(len(node)))
+        for name in sorted(node):
+            f.write(packer.pack(name))
+            write(node[name], f)
 
     tmp = Path(f"{path}.partial")
-    with open(tmp, "wb") as f:
-        f.write(msgpack.packb(pack(tree), use_bin_type=True))
+    try:
+        with open(tmp, "wb") as f:
+            write(tree, f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
