@@ -1,10 +1,14 @@
 """The transformer against the reference's outputs on the tiny random checkpoint."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+from uio.model.embedding import Embedding
 from uio.model.transformer import (MASK_VALUE, Attention, EncoderOutput, MlpBlock, RelativePositionBiases, RMSNorm,
                                    image_relative_bucket, packed_matmul_supported, text_relative_bucket)
 
@@ -219,3 +223,20 @@ def test_position_buckets_cached_in_inference_mode_work_under_autograd():
     torch.testing.assert_close(again.detach(), cached)
     again.sum().backward()
     assert biases.image_rel_embedding.grad.abs().sum() > 0
+
+
+def test_building_on_meta_skips_the_embedding_init_and_its_dynamo_import(conformance):
+    # In a fresh interpreter: a random init on `meta` makes torch import torch._dynamo (seconds).
+    code = ("import sys, torch\nfrom uio.config import load_config\nfrom uio.model.transformer import UnifiedIO\n"
+            "with torch.device('meta'):\n    UnifiedIO(*load_config(sys.argv[1]))\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(conformance / "tiny" / "config.json")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_embeddings_off_meta_are_initialised_as_torchs():
+    torch.manual_seed(0)
+    ours = Embedding(1000, 16).weight
+    torch.manual_seed(0)
+    assert torch.equal(ours, torch.nn.Embedding(1000, 16).weight)

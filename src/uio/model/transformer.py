@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UnifiedIOConfig
+from .embedding import Embedding
 from .hardware import computes_natively, cpu_has_bf16_kernels
 
 log = logging.getLogger(__name__)
@@ -347,8 +348,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.emb_dim
-        self.position_embedding = nn.Embedding(cfg.encoder_max_text_length + cfg.encoder_max_image_length, d)
-        self.segment_embedding = nn.Embedding(cfg.num_seg_emb, d)
+        self.position_embedding = Embedding(cfg.encoder_max_text_length + cfg.encoder_max_image_length, d)
+        self.segment_embedding = Embedding(cfg.num_seg_emb, d)
         self.image_projection = nn.Linear(cfg.image_patch_size ** 2 * 3, d, bias=False)
         self.txt_emb_pre_ln = RMSNorm(d)
         self.img_emb_pre_ln = RMSNorm(d)
@@ -448,8 +449,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, inner = cfg.emb_dim, cfg.num_heads * cfg.head_dim
-        self.position_embedding = nn.Embedding(cfg.decoder_max_text_length + cfg.decoder_max_image_length, d)
-        self.segments_embedding = nn.Embedding(cfg.num_seg_emb, d)
+        self.position_embedding = Embedding(cfg.decoder_max_text_length + cfg.decoder_max_image_length, d)
+        self.segments_embedding = Embedding(cfg.num_seg_emb, d)
         self.pre_ln = RMSNorm(d)
         self.pe_pre_ln = RMSNorm(d)
         self.self_position_q_linear = nn.Linear(d, inner, bias=False)
@@ -509,7 +510,7 @@ class UnifiedIO(nn.Module):
         from .vqgan import VQGAN
 
         self.cfg = cfg
-        self.token_embedder = nn.Embedding(cfg.vocab_size + cfg.image_vocab_size, cfg.emb_dim)
+        self.token_embedder = Embedding(cfg.vocab_size + cfg.image_vocab_size, cfg.emb_dim)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.discrete_vae = VQGAN(vae_cfg)

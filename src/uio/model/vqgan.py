@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uio.config import VAEConfig
+from uio.model.embedding import Embedding
 from uio.model.hardware import cpu_has_bf16_kernels
 
 _GROUPS = 32
@@ -404,7 +405,7 @@ class VQGAN(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.quant_conv = _conv(cfg.z_channels, cfg.z_channels, 1)
-        self.quantize = nn.Embedding(cfg.n_embed, cfg.embed_dim)
+        self.quantize = Embedding(cfg.n_embed, cfg.embed_dim)
         self.post_quant_conv = _conv(cfg.embed_dim, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
 
