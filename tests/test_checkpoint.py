@@ -170,6 +170,51 @@ def test_loaded_weights_equal_the_file(tiny_model, tiny_params):
         assert torch.equal(state[checkpoint.torch_key(path)], expected), path
 
 
+def test_loading_fills_the_fused_matrices_in_place(conformance, tiny_params):
+    """Fused matrices allocated before loading receive their projections' weights where they are:
+    no weight is allocated twice."""
+    model = meta_model(*load_config(conformance / "tiny" / "config.json"))
+    model.fuse_projections("cpu", torch.float32)
+    attention, mlp = model.decoder.layers[0].self_attention, model.encoder.layers[1].mlp
+    fused_qkv, fused_wi = attention.fused_qkv, mlp.fused_wi
+    checkpoint.load_into(model, tiny_params, "tiny.bin")
+    assert attention.fused_qkv is fused_qkv and mlp.fused_wi is fused_wi
+    for module, fused in ((attention.query, fused_qkv), (attention.value, fused_qkv), (mlp.wi_1, fused_wi)):
+        assert module.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    prefix = "decoder/layers_0/self_attention"
+    expected = np.concatenate([tiny_params[f"{prefix}/{name}/kernel"] for name in ("query", "key", "value")], axis=1)
+    assert torch.equal(fused_qkv, torch.from_numpy(expected).T)
+    assert torch.equal(mlp.wi_1.weight, torch.from_numpy(np.array(tiny_params["encoder/layers_1/mlp/wi_1/kernel"])).T)
+
+
+def test_loading_into_a_matrix_allocated_for_another_dtype_is_refused(conformance, tiny_params):
+    model = meta_model(*load_config(conformance / "tiny" / "config.json"))
+    model.fuse_projections("cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match=r"parameter for '\w+/layers_\d+/\w+/(query|key|value|wi_0|wi_1)/kernel' "
+                                         r"was allocated as torch.bfloat16 on cpu, but loading was asked for "
+                                         r"torch.float32 on cpu"):
+        checkpoint.load_into(model, tiny_params, "tiny.bin", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_weights_keep_the_checkpoint_layout_in_fp32_only(conformance, tiny_params, dtype):
+    """fp32 weights are views of the (in, out) kernels as stored (a plain copy to load); other
+    dtypes get (out, in) copies, which some half-precision CPU kernels need to be fast."""
+    from uio.runner import build_model
+
+    model = build_model(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin", dtype=dtype)
+    state = model.state_dict()
+    # a key is a third of its attention's fused (in, 3 * out) matrix
+    for path in ("encoder/layers_0/attention/key/kernel", "decoder/layers_1/mlp/wo/kernel"):
+        weight = state[checkpoint.torch_key(path)]
+        out_features, in_features = weight.shape
+        if dtype == torch.float32:
+            assert weight.stride() == (1, out_features * (3 if "key" in path else 1)), path
+        else:
+            assert weight.stride() == (in_features, 1), path
+        assert torch.equal(weight, torch.from_numpy(np.array(tiny_params[path])).T.to(dtype)), path
+
+
 def test_safetensors_checkpoint_loads_the_same(tiny_model, tiny_params, tmp_path, conformance):
     from safetensors.torch import save_file
 

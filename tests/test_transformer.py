@@ -156,6 +156,23 @@ def test_fused_projections_equal_separate_ones():
         torch.testing.assert_close(mlp(x), mlp_separate)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fusing_keeps_the_weights_layout(transposed):
+    """Weights held as views of (in, out) matrices are fused into one (a plain copy); contiguous
+    (out, in) weights into a contiguous matrix."""
+    torch.manual_seed(0)
+    attention = Attention(32, 4, 8)
+    weights = [m.weight.detach().clone() for m in (attention.query, attention.key, attention.value)]
+    if transposed:
+        for m in (attention.query, attention.key, attention.value):
+            m.weight = torch.nn.Parameter(m.weight.detach().T.contiguous().T)
+    attention.fuse()
+    assert attention.fused_qkv.T.is_contiguous() == transposed
+    assert attention.fused_qkv.is_contiguous() == (not transposed)
+    assert torch.equal(attention.fused_qkv, torch.cat(weights))
+    assert attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rows", [1, 3, 200])  # 200 rows take the plain matmul
 def test_prepacked_weights_give_the_plain_results(rows, dtype, tolerance):

@@ -23,6 +23,8 @@ import msgpack
 import torch
 import numpy as np
 
+from .model.transformer import stores_transposed
+
 NDARRAY_EXT = 1  # flax's msgpack extension code for numpy arrays
 _LAYER_INDEX = re.compile(r"^layers_(\d+)$")
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -272,22 +274,55 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
 
     Each leaf is converted one at a time (layout, dtype, device), so peak memory stays at about
     one copy of the weights beyond what ``params`` itself holds (nothing for a memory map).
+    Parameters the model already holds off ``meta`` (the fused matrices that
+    :meth:`~uio.model.transformer.UnifiedIO.fuse_projections` allocates) are filled in place.
     """
     specs = params.specs() if isinstance(params, SafetensorsLeaves) else params
     validate(specs, expected_params(model), name)
+    dtype = dtype or torch.float32
     state = {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         # The memory-mapped leaves are read-only; they are copied right away, never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for path, leaf in params.items():
-            tensor = to_torch_layout(path, leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(leaf))
-            # One allocation per leaf: a second, freed one would stay in the allocator's heap.
-            state[torch_key(path)] = tensor.to(device=device, dtype=dtype or torch.float32,
-                                               memory_format=torch.contiguous_format, copy=True)
+            key = torch_key(path)
+            target = model.get_parameter(key)
+            if target.is_meta:
+                state[key] = _placed_leaf(path, leaf, dtype, device)
+            else:
+                state[key] = _filled(target, path, leaf, dtype, device)
             if isinstance(params, BinLeaves):
                 params.release(path)
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def _filled(target: torch.Tensor, path: str, leaf: np.ndarray | torch.Tensor, dtype: torch.dtype,
+            device: str | torch.device) -> torch.Tensor:
+    """``target``, an allocated parameter, holding ``leaf``."""
+    if target.dtype != dtype or target.device.type != torch.device(device).type:
+        raise ValueError(f"parameter for '{path}' was allocated as {target.dtype} on {target.device}, "
+                         f"but loading was asked for {dtype} on {device}")
+    # Moved as stored first: one contiguous transfer to an accelerator, then a copy there.
+    return target.copy_(to_torch_layout(path, _as_tensor(leaf).to(target.device)))
+
+
+def _as_tensor(leaf: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(leaf)
+
+
+def _placed_leaf(path: str, leaf: np.ndarray | torch.Tensor, dtype: torch.dtype,
+                 device: str | torch.device) -> torch.Tensor:
+    """One leaf converted for the model, in the layout :func:`~uio.model.transformer.stores_transposed`
+    picks: a dense kernel (in, out) is either copied as stored and used through its transposed
+    view, or copied transposed into the (out, in) weight."""
+    tensor = _as_tensor(leaf)
+    as_stored = path.endswith("/kernel") and tensor.ndim == 2 and stores_transposed(dtype)
+    if not as_stored:
+        tensor = to_torch_layout(path, tensor)
+    # One allocation per leaf: a second, freed one would stay in the allocator's heap.
+    placed = tensor.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    return placed.T if as_stored else placed
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I32": "int32",

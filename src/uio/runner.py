@@ -69,6 +69,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     device = torch.device(device)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
+    model.fuse_projections(device, dtype)  # loading fills the fused matrices: no second copy
     load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
     native_bf16 = computes_natively(torch.bfloat16, device)
     if dtype == torch.bfloat16 and not native_bf16:
@@ -76,7 +77,6 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
                     "and speeds up decoding one example at a time, but batches decode slower than in fp32; "
                     "the VQGAN stays in fp32")
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 and native_bf16 else torch.float32)
-    model.fuse_projections()
     if prepack and device.type == "cpu" and packed_matmul_supported(dtype):
         model.prepack_decoder()
     model.eval().requires_grad_(False)
