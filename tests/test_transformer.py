@@ -10,7 +10,8 @@ import torch
 
 from uio.model.embedding import Embedding
 from uio.model.transformer import (MASK_VALUE, Attention, EncoderOutput, MlpBlock, RelativePositionBiases, RMSNorm,
-                                   image_relative_bucket, packed_matmul_supported, text_relative_bucket)
+                                   WeightPacker, image_relative_bucket, linear, pack_weight, packed_matmul_supported,
+                                   text_relative_bucket)
 
 
 def t(array) -> torch.Tensor:
@@ -191,6 +192,22 @@ def test_prepacked_weights_give_the_plain_results(rows, dtype, tolerance):
         mlp.prepack()
         packed = attention.project(x, "qkv"), attention.attend(q, q, q, bias), mlp(x)
     torch.testing.assert_close(packed, plain, rtol=tolerance, atol=tolerance)
+
+
+def test_weight_packer_reuses_its_buffer_without_touching_earlier_packs():
+    """Transposed weights of growing and shrinking sizes go through one reused buffer; every
+    packed copy still multiplies as its own weight's direct packing does."""
+    if not packed_matmul_supported(torch.float32):
+        pytest.skip("this CPU has no oneDNN packed matmul for fp32")
+    torch.manual_seed(0)
+    weights = [torch.randn(n_in, n_out).T for n_out, n_in in ((48, 32), (96, 64), (16, 32), (64, 16))]
+    weights.append(torch.randn(40, 32))  # contiguous: packed directly
+    pack = WeightPacker()
+    packed = [pack(w) for w in weights]
+    for weight, copy in zip(weights, packed):
+        x = torch.randn(3, weight.shape[1])
+        assert torch.equal(linear(x, weight, copy), linear(x, weight, pack_weight(weight.contiguous())))
+        torch.testing.assert_close(linear(x, weight, copy), x @ weight.T)
 
 
 @pytest.mark.parametrize("bf16_kernels", [True, False])

@@ -76,6 +76,26 @@ def pack_weight(weight: Tensor, rows: int = PACKED_BLOCKING_ROWS) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
+class WeightPacker:
+    """:func:`pack_weight` for many weights in a row. oneDNN packs from a contiguous (out, in)
+    matrix, and copies a weight that is not (fp32's (in, out) layout, see
+    :func:`stores_transposed`) into a new one first; this copies each into one buffer reused for
+    all of them, which spares the page faults and the freed copies the C heap would keep
+    (loading ``large`` on a 2-core CPU: 0.7-2 s faster, 0.09 GiB less memory)."""
+
+    def __init__(self):
+        self._scratch: Tensor | None = None
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        if weight.is_contiguous():
+            return pack_weight(weight)
+        n = weight.numel()
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < n or (scratch.dtype, scratch.device) != (weight.dtype, weight.device):
+            scratch = self._scratch = torch.empty(n, dtype=weight.dtype, device=weight.device)
+        return pack_weight(scratch[:n].view(weight.shape).copy_(weight))
+
+
 def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight)``, through ``packed`` (:func:`pack_weight` of ``weight``) for inputs of
     a few rows: on the CPU that is 1.5-2.5x faster (the plain matmul re-blocks a half-precision
@@ -159,9 +179,9 @@ class MlpBlock(nn.Module):
         """Compute wi_0 and wi_1 with one matmul from now on (see :func:`fuse_weights`)."""
         self.fused_wi = fuse_weights([self.wi_0, self.wi_1], device, dtype)
 
-    def prepack(self) -> None:
+    def prepack(self, pack: Callable[[Tensor], Tensor] = pack_weight) -> None:
         """Keep packed copies of the (fused) weights for :func:`linear`; call after :meth:`fuse`."""
-        self.packed = {"wi": pack_weight(self.fused_wi), "wo": pack_weight(self.wo.weight)}
+        self.packed = {"wi": pack(self.fused_wi), "wo": pack(self.wo.weight)}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused_wi is None:
@@ -190,10 +210,10 @@ class Attention(nn.Module):
         """Compute the query/key/value projections with one matmul from now on (see :func:`fuse_weights`)."""
         self.fused_qkv = fuse_weights([self.query, self.key, self.value], device, dtype)
 
-    def prepack(self, which: str) -> None:
+    def prepack(self, which: str, pack: Callable[[Tensor], Tensor] = pack_weight) -> None:
         """Keep packed copies, for :func:`linear`, of the ``which`` projection (as in :meth:`project`)
         and of the output projection; call after :meth:`fuse`."""
-        self.packed = {which: pack_weight(self._fused_rows(which)), "out": pack_weight(self.out.weight)}
+        self.packed = {which: pack(self._fused_rows(which)), "out": pack(self.out.weight)}
 
     def _fused_rows(self, which: str) -> Tensor:
         inner = self.num_heads * self.head_dim
@@ -568,12 +588,13 @@ class UnifiedIO(nn.Module):
         weights in memory: on the CPU a step is then ~1.4x faster in bf16 and ~1.25x in fp32 (see
         :func:`linear`). Call after :meth:`fuse_projections`; only eager steps use them (compiled
         graphs pack their own)."""
+        pack = WeightPacker()
         for layer in self.decoder.layers:
-            layer.self_attention.prepack("qkv")
-            layer.encoder_decoder_attention.prepack("q")
-            layer.mlp.prepack()
+            layer.self_attention.prepack("qkv", pack)
+            layer.encoder_decoder_attention.prepack("q", pack)
+            layer.mlp.prepack(pack)
         table = self.token_embedder.weight
-        self.packed_output_rows = {image: pack_weight(table[self.output_rows(image)]) for image in (False, True)}
+        self.packed_output_rows = {image: pack(table[self.output_rows(image)]) for image in (False, True)}
 
     def drop_packed(self) -> None:
         """Free the copies made by :meth:`prepack_decoder`."""
