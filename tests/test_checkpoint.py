@@ -231,6 +231,58 @@ def test_safetensors_checkpoint_loads_the_same(tiny_model, tiny_params, tmp_path
         build_model(conformance / "tiny" / "config.json", corrupt)
 
 
+def _write_safetensors_by_hand(path, header, data: bytes = b"") -> None:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_safetensors_leaves_are_read_only_views_of_the_file(tmp_path, tiny_params):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "t.safetensors"
+    kernel = np.array(tiny_params["decoder/layers_0/mlp/wo/kernel"])
+    half = torch.randn(3, 5).to(torch.bfloat16)
+    save_file({"a/kernel": torch.from_numpy(kernel), "b/scale": half}, str(path), metadata={"format": "x"})
+    leaves = checkpoint.SafetensorsLeaves(path)
+    assert sorted(leaves) == ["a/kernel", "b/scale"] and leaves.metadata == {"format": "x"}
+    leaf = leaves["a/kernel"]
+    assert isinstance(leaf, np.ndarray) and not leaf.flags.owndata and not leaf.flags.writeable
+    np.testing.assert_array_equal(leaf, kernel)
+    assert leaves["b/scale"].dtype == torch.bfloat16 and torch.equal(leaves["b/scale"], half)
+    leaves.release("a/kernel")  # its pages are dropped from memory; the data is re-read from the file
+    np.testing.assert_array_equal(leaves["a/kernel"], kernel)
+
+
+@pytest.mark.parametrize("header, data, reason", [
+    (b"", b"", "header length 0"),
+    (b"{not json", b"", "header is not JSON"),
+    ([1, 2], b"", "header is not a JSON object"),
+    ({"w": {"shape": [2], "data_offsets": [0, 8]}}, bytes(8), r"tensor 'w' has the entry"),
+    ({"w": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, bytes(2), r"tensor 'w' has the entry"),
+    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), r"'w' has data_offsets \[0, 8\]"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4), r"'w' has data_offsets"),
+])
+def test_malformed_safetensors_files_are_rejected_with_the_reason(tmp_path, header, data, reason):
+    path = tmp_path / "bad.safetensors"
+    _write_safetensors_by_hand(path, header, data)
+    with pytest.raises(CheckpointError, match=f"bad.safetensors: not a readable safetensors checkpoint .*{reason}"):
+        checkpoint.SafetensorsLeaves(path)
+
+
+def test_loading_from_safetensors_drops_each_leaf_from_memory_once_copied(conformance, tiny_params, tmp_path,
+                                                                        monkeypatch):
+    """As from a .bin: the file's pages are not held alongside the model (a large checkpoint's
+    peak memory would otherwise grow by up to the file's size)."""
+    from uio.runner import build_model
+
+    path = tmp_path / "tiny.safetensors"
+    checkpoint.write_safetensors(tiny_params, path)
+    dropped = []
+    monkeypatch.setattr(checkpoint, "_drop_pages", lambda buf, start, nbytes: dropped.append(nbytes))
+    build_model(conformance / "tiny" / "config.json", path)
+    assert sorted(dropped) == sorted(np.asarray(leaf).nbytes for leaf in tiny_params.values())
+
+
 def test_params_from_model_inverts_loading(tiny_model, tiny_params):
     params = checkpoint.params_from_model(tiny_model)
     assert params.keys() == tiny_params.keys()

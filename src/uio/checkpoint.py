@@ -12,6 +12,8 @@ mirror flax's (``layers_0`` becomes ``layers.0``; ``kernel``/``scale``/``embeddi
 """
 from __future__ import annotations
 
+import json
+import math
 import mmap
 import os
 import re
@@ -133,17 +135,31 @@ def read_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     model does) before the returned dict is dropped if they must outlive it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: checkpoint file is empty")
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buf = _map_file(path)
     reader = _Reader(buf, str(path))
     params = BinLeaves(reader.leaves(), buf)
     if reader.pos != len(buf):
         raise CheckpointError(f"{path}: {len(buf) - reader.pos} unexpected bytes after the parameter tree")
     return params
+
+
+def _map_file(path: Path) -> mmap.mmap:
+    """A read-only memory map of the checkpoint file ``path``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint file is empty")
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _drop_pages(buf: mmap.mmap, start: int, nbytes: int) -> None:
+    """Drop the whole pages of ``buf[start:start + nbytes]`` from this process's memory (they stay
+    in the OS page cache): once a leaf is copied, loading need not hold the file and the model."""
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first and hasattr(buf, "madvise"):
+        buf.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class BinLeaves(dict):
@@ -155,14 +171,9 @@ class BinLeaves(dict):
         self._base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
 
     def release(self, path: str) -> None:
-        """Drop the pages of leaf ``path`` from this process's memory once it has been copied
-        (they stay in the OS page cache), so loading does not hold the file and the model at once."""
+        """Drop the pages of leaf ``path`` from this process's memory once it has been copied."""
         leaf = self[path]
-        start = leaf.ctypes.data - self._base
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = (start + leaf.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first and hasattr(self._buf, "madvise"):
-            self._buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+        _drop_pages(self._buf, leaf.ctypes.data - self._base, leaf.nbytes)
 
 
 def write_bin(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -277,8 +288,7 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
     Parameters the model already holds off ``meta`` (the fused matrices that
     :meth:`~uio.model.transformer.UnifiedIO.fuse_projections` allocates) are filled in place.
     """
-    specs = params.specs() if isinstance(params, SafetensorsLeaves) else params
-    validate(specs, expected_params(model), name)
+    validate(params, expected_params(model), name)
     dtype = dtype or torch.float32
     state = {}
     with warnings.catch_warnings(), torch.no_grad():
@@ -291,7 +301,7 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
                 state[key] = _placed_leaf(path, leaf, dtype, device)
             else:
                 state[key] = _filled(target, path, leaf, dtype, device)
-            if isinstance(params, BinLeaves):
+            if isinstance(params, (BinLeaves, SafetensorsLeaves)):
                 params.release(path)
     model.load_state_dict(state, strict=True, assign=True)
     return model
@@ -325,41 +335,71 @@ def _placed_leaf(path: str, leaf: np.ndarray | torch.Tensor, dtype: torch.dtype,
     return placed.T if as_stored else placed
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I32": "int32",
-                       "I64": "int64"}
+_SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "F64": np.float64, "I32": np.int32,
+                       "I64": np.int64}  # BF16's bits are read as uint16, then viewed as torch.bfloat16
 
 
 class SafetensorsLeaves(Mapping):
-    """The leaves of a converted checkpoint, each read from the file only when accessed, so that
-    loading holds one tensor at a time besides the model."""
+    """The leaves of a converted checkpoint: read-only views of one memory map of the file, as
+    :func:`read_bin`'s are (bf16 ones as torch tensors: numpy has no bf16). Never write to them.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's
+    dtype, shape and byte range, then the data.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import SafetensorError, safe_open
+        self._path = Path(path)
+        self._buf = _map_file(self._path)
+        header, data_start = self._header()
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self._entries = {key: self._entry(key, info, data_start) for key, info in header.items()}
 
+    def _error(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self._path}: not a readable safetensors checkpoint ({what})")
+
+    def _header(self) -> tuple[dict, int]:
+        """The JSON header, and where the data starts."""
+        size = int.from_bytes(self._buf[:8], "little") if len(self._buf) >= 8 else -1
+        if not 0 < size <= len(self._buf) - 8:
+            raise self._error(f"header length {size} in a file of {len(self._buf)} bytes")
         try:
-            self._file = safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-        self._keys = list(self._file.keys())
+            header = json.loads(self._buf[8:8 + size])
+        except ValueError as err:  # JSON and UTF-8 decoding errors
+            raise self._error(f"header is not JSON: {err}") from None
+        if not isinstance(header, dict):
+            raise self._error("header is not a JSON object")
+        return header, 8 + size
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._file.get_tensor(key)
+    def _entry(self, key: str, info, data_start: int) -> tuple[str, tuple[int, ...], int]:
+        try:
+            kind, shape, (start, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+            itemsize = np.dtype(_SAFETENSORS_DTYPES[kind]).itemsize
+        except (KeyError, TypeError, ValueError):
+            raise self._error(f"tensor '{key}' has the entry {info!r}") from None
+        if not (0 <= start and end - start == math.prod(shape) * itemsize and data_start + end <= len(self._buf)):
+            raise self._error(f"tensor '{key}' has data_offsets {[start, end]} that do not fit its shape "
+                              f"{list(shape)} and {kind}, or the file")
+        return kind, shape, data_start + start
+
+    def __getitem__(self, key: str) -> np.ndarray | torch.Tensor:
+        kind, shape, offset = self._entries[key]
+        array = np.frombuffer(self._buf, _SAFETENSORS_DTYPES[kind], math.prod(shape), offset).reshape(shape)
+        if kind != "BF16":
+            return array
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(array).view(torch.bfloat16)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._entries)
 
-    def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Shapes and dtypes of every leaf, read from the header alone."""
-        specs = {}
-        for key in self._keys:
-            leaf = self._file.get_slice(key)
-            specs[key] = tuple(leaf.get_shape()), _SAFETENSORS_DTYPES.get(leaf.get_dtype(), leaf.get_dtype())
-        return specs
+    def release(self, key: str) -> None:
+        """Drop the pages of leaf ``key`` from this process's memory once it has been copied."""
+        kind, shape, offset = self._entries[key]
+        _drop_pages(self._buf, offset, math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[kind]).itemsize)
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Mapping[str, np.ndarray | torch.Tensor]:
@@ -395,12 +435,7 @@ def write_safetensors(params: Mapping[str, np.ndarray | torch.Tensor], path: str
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata stored in a safetensors file (empty for a ``.bin``)."""
-    if Path(path).suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return SafetensorsLeaves(path).metadata if Path(path).suffix == ".safetensors" else {}
 
 
 def infer_size(params: Mapping[str, np.ndarray | torch.Tensor]) -> str | None:
