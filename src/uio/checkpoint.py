@@ -25,7 +25,7 @@ import msgpack
 import torch
 import numpy as np
 
-from .model.transformer import stores_transposed
+from .model.transformer import empty_weight
 
 NDARRAY_EXT = 1  # flax's msgpack extension code for numpy arrays
 _LAYER_INDEX = re.compile(r"^layers_(\d+)$")
@@ -297,6 +297,8 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
         for path, leaf in params.items():
             key = torch_key(path)
             target = model.get_parameter(key)
+            if target.is_meta and path.endswith("/kernel") and target.ndim == 2:
+                target = empty_weight(*target.shape, device, dtype)  # in the layout stores_transposed picks
             if target.is_meta:
                 state[key] = _placed_leaf(path, leaf, dtype, device)
             else:
@@ -323,16 +325,10 @@ def _as_tensor(leaf: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _placed_leaf(path: str, leaf: np.ndarray | torch.Tensor, dtype: torch.dtype,
                  device: str | torch.device) -> torch.Tensor:
-    """One leaf converted for the model, in the layout :func:`~uio.model.transformer.stores_transposed`
-    picks: a dense kernel (in, out) is either copied as stored and used through its transposed
-    view, or copied transposed into the (out, in) weight."""
-    tensor = _as_tensor(leaf)
-    as_stored = path.endswith("/kernel") and tensor.ndim == 2 and stores_transposed(dtype)
-    if not as_stored:
-        tensor = to_torch_layout(path, tensor)
+    """One leaf converted for the model: torch layout, ``dtype``, ``device``, contiguous."""
+    tensor = to_torch_layout(path, _as_tensor(leaf))
     # One allocation per leaf: a second, freed one would stay in the allocator's heap.
-    placed = tensor.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    return placed.T if as_stored else placed
+    return tensor.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "F64": np.float64, "I32": np.int32,
@@ -398,8 +394,7 @@ class SafetensorsLeaves(Mapping):
 
     def release(self, key: str) -> None:
         """Drop the pages of leaf ``key`` from this process's memory once it has been copied."""
-        kind, shape, offset = self._entries[key]
-        _drop_pages(self._buf, offset, math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[kind]).itemsize)
+        _drop_pages(self._buf, self._entries[key][2], self[key].nbytes)
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Mapping[str, np.ndarray | torch.Tensor]:
