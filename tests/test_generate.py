@@ -258,3 +258,40 @@ def test_half_precision_cpu_steps_attend_in_float32(dtype, monkeypatch):
     ulps = 2 * torch.finfo(dtype).eps  # the logits come out of a half-precision matmul
     torch.testing.assert_close(wide, narrow, rtol=ulps, atol=ulps)
     torch.testing.assert_close(wide, forced[..., :model.cfg.vocab_size], rtol=ulps, atol=ulps)
+
+
+@needs_tracing
+def test_converting_a_model_derives_its_fused_and_traced_forms_again():
+    """``.to()`` converts each parameter on its own; the fused matrices and step traces follow:
+    in float64 the model decodes what it decoded in float32, and back in float32 exactly that."""
+    model = random_model().to(torch.float64).to(torch.float32)  # fp32's layout for every weight
+    before = generations(model, traced=True)
+    assert model.to(torch.float64) is model
+    attention = model.decoder.layers[0].self_attention
+    assert attention.fused_qkv.dtype == torch.float64 and attention.fused_qkv.is_contiguous()
+    assert attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
+    assert not model.step_traces.traces  # the float32 traces held the float32 weights
+    model.step_traces = None
+    wide = generations(model, traced=False)
+    for got, expected in zip(wide, before, strict=True):
+        if got.dtype == torch.long:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got.float(), expected, rtol=1e-4, atol=1e-4)
+    model.to(torch.float32)
+    assert attention.fused_qkv.dtype == torch.float32 and attention.fused_qkv.T.is_contiguous()
+    for got, expected in zip(generations(model, traced=True), before, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_converting_a_packed_model_packs_it_again_where_it_can():
+    if not packed_matmul_supported(torch.float32):
+        pytest.skip("this CPU has no oneDNN packed matmul for fp32")
+    model = random_model(packed=True)
+    packed = model.packed_weights()
+    assert [id(w) for w in model.to(torch.float32).packed_weights()] == [id(w) for w in packed]  # nothing to do
+    model.to(torch.bfloat16)
+    expected = [torch.bfloat16] * len(packed) if packed_matmul_supported(torch.bfloat16) else []
+    assert [w.dtype for w in model.packed_weights()] == expected
+    linears = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() for m in linears)

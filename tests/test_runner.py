@@ -225,3 +225,17 @@ def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image,
     np.testing.assert_array_equal(packed["image_tokens"], plain["image_tokens"])
     np.testing.assert_allclose(packed["score"], plain["score"], rtol=rtol)
     assert make_runner(conformance, dtype=dtype, prepack=False).model.packed_weights() == []
+
+
+def test_a_converted_model_runs_with_inputs_in_its_dtype(conformance, runner, test_image):
+    """``runner.model.to(...)`` after loading: the runner's inputs follow the model's dtype, and
+    text, image tokens and score match the fp32 model's (float64 only rounds differently)."""
+    wide = make_runner(conformance)
+    wide.model.to(torch.float64)
+    assert wide.dtype == torch.float64 and wide.device == torch.device("cpu")
+    call = lambda r: r.run([test_image], ["what is on the left ?"], output_text_len=6, generate_image=True)  # noqa: E731
+    got, expected = call(wide), call(runner)
+    np.testing.assert_array_equal(got["text_tokens"], expected["text_tokens"])
+    np.testing.assert_array_equal(got["image_tokens"], expected["image_tokens"])
+    np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-5)
+    np.testing.assert_allclose(got["image"], expected["image"], atol=IMAGE_ATOL)

@@ -157,19 +157,20 @@ def test_fused_projections_equal_separate_ones():
         torch.testing.assert_close(mlp(x), mlp_separate)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_fusing_keeps_the_weights_layout(transposed):
-    """Weights held as views of (in, out) matrices are fused into one (a plain copy); contiguous
-    (out, in) weights into a contiguous matrix."""
+def test_fusing_lays_the_weights_out_for_their_dtype(transposed, dtype):
+    """Whatever the weights' layout, the fused matrix has the one stores_transposed picks for
+    their dtype (fp32: views of an (in, out) matrix), and the modules hold views of it."""
     torch.manual_seed(0)
-    attention = Attention(32, 4, 8)
+    attention = Attention(32, 4, 8).to(dtype)
     weights = [m.weight.detach().clone() for m in (attention.query, attention.key, attention.value)]
     if transposed:
         for m in (attention.query, attention.key, attention.value):
             m.weight = torch.nn.Parameter(m.weight.detach().T.contiguous().T)
     attention.fuse()
-    assert attention.fused_qkv.T.is_contiguous() == transposed
-    assert attention.fused_qkv.is_contiguous() == (not transposed)
+    assert attention.fused_qkv.T.is_contiguous() == (dtype == torch.float32)
+    assert attention.fused_qkv.is_contiguous() == (dtype != torch.float32)
     assert torch.equal(attention.fused_qkv, torch.cat(weights))
     assert attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
 

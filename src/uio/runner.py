@@ -114,13 +114,22 @@ class ModelRunner:
         self.compiled = compiled
         self.log_inputs = log_inputs
         self.seed = seed
-        self.device = torch.device(device or default_device())
-        self.dtype = resolve_dtype(dtype)
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
-        self.model = build_model(size, param_file, self.device, self.dtype, prepack=prepack and not compiled)
+        self.model = build_model(size, param_file, torch.device(device or default_device()), resolve_dtype(dtype),
+                                 prepack=prepack and not compiled)
         if compiled:
             self.model.enable_compile()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the transformer's weights are (it follows ``self.model.to(...)``)."""
+        return self.model.token_embedder.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's dtype (it follows ``self.model.to(...)``)."""
+        return self.model.token_embedder.weight.dtype
 
     @classmethod
     def from_pretrained(cls, size: str = "small", *, weights: str | os.PathLike | None = None,

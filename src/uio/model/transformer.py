@@ -143,23 +143,27 @@ def empty_weight(out_features: int, in_features: int, device: torch.device | str
     return torch.empty(out_features, in_features, device=device, dtype=dtype)
 
 
+def in_stored_layout(weight: Tensor) -> bool:
+    """Whether the (out, in) ``weight`` is laid out as :func:`stores_transposed` picks for its dtype."""
+    return weight.T.is_contiguous() if stores_transposed(weight.dtype) else weight.is_contiguous()
+
+
 def fuse_weights(linears: list[nn.Linear], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> Tensor:
-    """Concatenate the weights of ``linears`` (same input) into one matrix; each module keeps a
-    view of its rows, so memory is unchanged and one matmul computes all their outputs.
+    """Concatenate the weights of ``linears`` (same input) into one matrix, in the layout
+    :func:`empty_weight` picks for their dtype; each module keeps a view of its rows, so memory is
+    unchanged and one matmul computes all their outputs.
 
     Weights still on ``meta`` get an uninitialised matrix on ``device`` in ``dtype`` instead, which
     :func:`uio.checkpoint.load_into` fills in place: loading then copies each weight once.
     """
     weights = [m.weight.detach() for m in linears]
-    if weights[0].is_meta:
-        fused = empty_weight(sum(w.shape[0] for w in weights), weights[0].shape[1], device, dtype)
-    elif all(w.T.is_contiguous() for w in weights):
-        # Keep the (in, out) layout (see stores_transposed): concatenating it is a plain copy.
-        fused = torch.cat([w.T for w in weights], dim=1).T
-    else:
-        fused = torch.cat(weights)
-    for m, rows in zip(linears, fused.split([m.out_features for m in linears])):
+    if not weights[0].is_meta:
+        device, dtype = weights[0].device, weights[0].dtype
+    fused = empty_weight(sum(w.shape[0] for w in weights), weights[0].shape[1], device, dtype)
+    for m, weight, rows in zip(linears, weights, fused.split([w.shape[0] for w in weights])):
+        if not weight.is_meta:
+            rows.copy_(weight)
         m.weight = nn.Parameter(rows, requires_grad=False)
     return fused
 
@@ -608,6 +612,37 @@ class UnifiedIO(nn.Module):
         modules = [m for layer in self.decoder.layers for m in (layer.self_attention, layer.encoder_decoder_attention,
                                                                 layer.mlp)]
         return [w for m in modules for w in m.packed.values()] + list(self.packed_output_rows.values())
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda()... convert each parameter on its own: the modules' weights stop
+        # being views of the fused matrices, and the packed copies and traced or compiled steps
+        # keep the old weights. Derive them again from the converted weights.
+        before = [p.data_ptr() for p in self.parameters()]
+        super()._apply(fn, recurse)
+        if [p.data_ptr() for p in self.parameters()] != before:
+            self._derive_again()
+        return self
+
+    def _derive_again(self) -> None:
+        """Re-fuse, re-lay out (see :func:`stores_transposed`), re-pack, re-trace and recompile
+        whatever the model had, from its current weights."""
+        fused = self.decoder.layers[0].mlp.fused_wi is not None
+        packed = bool(self.packed_output_rows)
+        traced = self.step_traces is not None
+        self.drop_packed()
+        if fused:
+            self.fuse_projections()
+        for module in [*self.encoder.modules(), *self.decoder.modules()]:
+            weight = module.weight if isinstance(module, nn.Linear) else None
+            if weight is not None and not weight.is_meta and not in_stored_layout(weight):
+                relaid = empty_weight(*weight.shape, weight.device, weight.dtype).copy_(weight)
+                module.weight = nn.Parameter(relaid, requires_grad=weight.requires_grad)
+        weight = self.token_embedder.weight
+        if packed and weight.device.type == "cpu" and packed_matmul_supported(weight.dtype):
+            self.prepack_decoder()
+        self.step_traces = StepTraces() if traced else None
+        if self.compiled_step is not None:
+            self.enable_compile()
 
     def enable_compile(self) -> None:
         """Use ``torch.compile`` for the encoder and for the decoder step, whose shapes are fixed
