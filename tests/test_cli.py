@@ -260,9 +260,10 @@ def test_console_entry_point():
         assert command in result.stdout
 
 
-def test_no_prepack_loads_the_model_without_packed_weights(model_args, image_path):
+def test_runner_options_reach_the_runner(model_args, image_path):
     from uio.model.transformer import packed_matmul_supported
 
     parse = lambda *extra: cli.build_parser().parse_args(["vqa", image_path, "what ?", *model_args, *extra])  # noqa: E731
     assert cli.load_runner(parse("--no-prepack")).model.packed_weights() == []
     assert bool(cli.load_runner(parse()).model.packed_weights()) == packed_matmul_supported(torch.float32)
+    assert cli.load_runner(parse("--stop-at-eos")).stop_at_eos and not cli.load_runner(parse()).stop_at_eos

@@ -295,3 +295,54 @@ def test_converting_a_packed_model_packs_it_again_where_it_can():
     assert [w.dtype for w in model.packed_weights()] == expected
     linears = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
     assert all(m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() for m in linears)
+
+
+def force_eos(monkeypatch, steps: list[int]) -> list[int]:
+    """Make row ``r`` of every step's logits pick EOS at step ``steps[r]``; returns the list of
+    steps run, which grows as decoding goes."""
+    run, real_step = [], generate.decode_step
+
+    def step_forcing_eos(model, cache, tokens, step, valid):
+        logits = real_step(model, cache, tokens, step, valid)
+        run.append(step)
+        for row, at in enumerate(steps):
+            if step == at:
+                logits[row, generate.EOS] = 1e4
+        return logits
+
+    monkeypatch.setattr(generate, "decode_step", step_forcing_eos)
+    return run
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "sampling"])
+def test_stop_at_eos_skips_the_steps_after_every_sequence_ended(monkeypatch, decoding):
+    """Row 0 ends at step 2, row 1 at step 4: decoding stops after step 4 (of 8 text steps and
+    one image step), with the full run's tokens up to there, zeros after, and the scores of a
+    run of those 5 steps only."""
+    model = random_model()
+    enc = random_encoding(model, 2, 5)
+    steps_run = force_eos(monkeypatch, [2, 4])
+
+    def decode(text_length: int, image_length: int, **kwargs) -> generate.Generation:
+        if decoding == "greedy":
+            return generate.beam_search(model, enc, text_length, image_length, **kwargs)
+        return generate.sample(model, enc, text_length, image_length, generator=torch.Generator().manual_seed(3),
+                               **kwargs)
+
+    full = decode(8, 1)
+    assert steps_run == list(range(9))
+    steps_run.clear()
+    stopped = decode(8, 1, stop_at_eos=True)
+    assert steps_run == list(range(5))
+    assert stopped.tokens.shape == full.tokens.shape
+    assert torch.equal(stopped.tokens[..., :5], full.tokens[..., :5]) and not stopped.tokens[..., 5:].any()
+    assert (stopped.tokens[..., :5] == generate.EOS).any(-1).all()
+    torch.testing.assert_close(stopped.scores, decode(5, 0).scores)
+
+
+def test_stop_at_eos_stops_beam_search_once_every_beam_ended(monkeypatch):
+    model = random_model()
+    steps_run = force_eos(monkeypatch, [5] * 4)  # 2 examples x 2 beams
+    beams = generate.beam_search(model, random_encoding(model, 2, 5), 8, 1, num_beams=2, stop_at_eos=True)
+    assert steps_run == list(range(6))
+    assert (beams.tokens[..., :6] == generate.EOS).any(-1).all() and not beams.tokens[..., 6:].any()

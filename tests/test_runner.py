@@ -239,3 +239,30 @@ def test_a_converted_model_runs_with_inputs_in_its_dtype(conformance, runner, te
     np.testing.assert_array_equal(got["image_tokens"], expected["image_tokens"])
     np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-5)
     np.testing.assert_allclose(got["image"], expected["image"], atol=IMAGE_ATOL)
+
+
+def test_stop_at_eos_gives_the_same_text_in_fewer_steps(runner, test_image, monkeypatch):
+    """With EOS forced at step 2, a VQA call stops after 3 of its 33 steps: same text, a score
+    over those steps only; image outputs still decode every step."""
+    from uio import generate
+
+    steps_run, real_step = [], generate.decode_step
+
+    def step_ending_at_2(model, cache, tokens, step, valid):
+        logits = real_step(model, cache, tokens, step, valid)
+        steps_run.append(step)
+        if step == 2:
+            logits[:, generate.EOS] = 1e4
+        return logits
+
+    monkeypatch.setattr(generate, "decode_step", step_ending_at_2)
+    vqa = lambda: runner.run([test_image], ["what is this ?"], output_text_len=32)  # noqa: E731
+    full, full_depth = vqa(), runner.depth(test_image)
+    assert len(steps_run) == 33 + 257
+    steps_run.clear()
+    monkeypatch.setattr(runner, "stop_at_eos", True)
+    fast, fast_depth = vqa(), runner.depth(test_image)
+    assert len(steps_run) == 3 + 257
+    assert fast["text"] == full["text"] and fast["text_tokens"].shape == full["text_tokens"].shape
+    assert (fast["score"] > full["score"]).all()  # the skipped steps' log-probabilities are negative
+    np.testing.assert_array_equal(fast_depth["image"], full_depth["image"])

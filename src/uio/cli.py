@@ -315,7 +315,7 @@ def load_runner(args: argparse.Namespace):
 
     return ModelRunner.from_pretrained(model_spec(args), weights=args.weights, tokenizer=args.tokenizer,
                                        device=args.device, dtype=args.dtype, seed=args.seed, log_inputs=False,
-                                       prepack=args.prepack)
+                                       prepack=args.prepack, stop_at_eos=args.stop_at_eos)
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
@@ -663,6 +663,9 @@ def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]
     group.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     group.add_argument("--no-prepack", dest="prepack", action="store_false",
                        help="on the CPU, keep no packed copies of the decoder's weights: less memory, slower decoding")
+    group.add_argument("--stop-at-eos", action="store_true",
+                       help="stop decoding text once it has ended: faster short answers, same text, scores "
+                            "count only the steps run (default: decode every step, as the original)")
     return base, model
 
 

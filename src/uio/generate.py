@@ -5,6 +5,11 @@ input is BOS (0); at step ``text_length`` the input becomes ``vocab_size - 1`` w
 generated before; image ids are ``vocab_size + code``. EOS never ends a sequence (the reference's
 end marker is 10,000,000, a token that never occurs): every sequence runs to full length and its
 score sums every step's log-probability. Results come back worst-first, as the reference returns them.
+
+``stop_at_eos=True`` departs from that to save time: decoding stops once every sequence has an
+EOS among its text tokens. The steps left are not run (their tokens are 0) and scores count the
+steps run. Tokens up to each sequence's first EOS are the reference's (a step never depends on
+later ones); only scores, and so the order of beams or samples, can differ.
 """
 from __future__ import annotations
 
@@ -54,10 +59,17 @@ class _Decoder:
         return decode_step(self.model, self.cache, tokens, step, valid), self.model.cfg.vocab_size
 
 
+def _all_ended(sequences: Tensor, step: int, text_length: int) -> bool:
+    """Whether every row of ``sequences`` (N, 1 + length) has an EOS among the text tokens
+    generated up to ``step``."""
+    return step < text_length and bool((sequences[:, 1:step + 2] == EOS).any(dim=1).all())
+
+
 @torch.inference_mode()
 def beam_search(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int,
-                num_beams: int = 1) -> Generation:
-    """Beam search with no length penalty; returns all beams, lowest score first."""
+                num_beams: int = 1, stop_at_eos: bool = False) -> Generation:
+    """Beam search with no length penalty; returns all beams, lowest score first (see the module
+    docstring for ``stop_at_eos``)."""
     batch = enc.hidden.shape[0]
     length = text_length + image_length
     decoder = _Decoder(model, enc, text_length, image_length, num_beams)
@@ -78,6 +90,8 @@ def beam_search(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_le
             sequences = sequences.index_select(0, rows)
             decoder.cache.reorder(rows)
         sequences[:, step + 1] = (top_index % vocab).view(-1) + offset
+        if stop_at_eos and _all_ended(sequences, step, text_length):
+            break
     return Generation(sequences[:, 1:].view(batch, num_beams, length), beam_scores)
 
 
@@ -107,8 +121,10 @@ def _draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
 
 @torch.inference_mode()
 def sample(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int, num_samples: int = 1,
-           top_p: float = 0.9, temperature: float = 1.0, generator: torch.Generator | None = None) -> Generation:
-    """Top-p sampling; returns ``num_samples`` per example sorted by increasing log-probability."""
+           top_p: float = 0.9, temperature: float = 1.0, generator: torch.Generator | None = None,
+           stop_at_eos: bool = False) -> Generation:
+    """Top-p sampling; returns ``num_samples`` per example sorted by increasing log-probability
+    (see the module docstring for ``stop_at_eos``)."""
     batch = enc.hidden.shape[0]
     length = text_length + image_length
     decoder = _Decoder(model, enc, text_length, image_length, num_samples)
@@ -122,6 +138,8 @@ def sample(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length:
         token = _draw(logits / (temperature + 1e-7), generator)
         scores += F.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0]
         sequences[:, step + 1] = token + offset
+        if stop_at_eos and _all_ended(sequences, step, text_length):
+            break
     scores = scores.view(batch, num_samples)
     order = scores.argsort(dim=1)
     tokens = sequences[:, 1:].view(batch, num_samples, length).gather(1, order[..., None].expand(-1, -1, length))

@@ -102,18 +102,24 @@ class ModelRunner:
     :param prepack: on the CPU, keep oneDNN-packed copies of the weights a decoding step reads
         (faster steps, for a third (small) to a half (xl) more weight memory; see :func:`build_model`);
         pass False where memory is tight
+    :param stop_at_eos: stop decoding text once every sequence has emitted EOS (text outputs
+        only). The reference always decodes ``output_text_len`` steps and scores them all: the
+        text is the same, but scores count only the steps run, so beams may rank differently.
+        Short answers (VQA, classification, captions) then take a few steps instead of 32
     """
 
     def __init__(self, size: str | os.PathLike, param_file: str | os.PathLike, pad_input_to_max: bool | None = None,
                  max_input_len: int = 64, max_options: int = 800, compiled: bool = False, log_inputs: bool = True,
                  *, tokenizer: str | os.PathLike | T5Tokenizer | None = None, device: str | None = None,
-                 dtype: str | torch.dtype | None = None, seed: int = 0, prepack: bool = True):
+                 dtype: str | torch.dtype | None = None, seed: int = 0, prepack: bool = True,
+                 stop_at_eos: bool = False):
         self.max_input_len = max_input_len
         self.pad_to_max = compiled if pad_input_to_max is None else pad_input_to_max
         self.max_options = max_options
         self.compiled = compiled
         self.log_inputs = log_inputs
         self.seed = seed
+        self.stop_at_eos = stop_at_eos
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
         self.model = build_model(size, param_file, torch.device(device or default_device()), resolve_dtype(dtype),
@@ -203,11 +209,13 @@ class ModelRunner:
 
     def _generate(self, enc, text_length: int, generate_image: bool, beam_search: bool, num_decodes: int) -> dict:
         image_length = IMAGE_OUTPUT_LENGTH if generate_image else 1
+        stop = self.stop_at_eos and not generate_image
         if beam_search:
-            result = generate.beam_search(self.model, enc, text_length, image_length, num_decodes)
+            result = generate.beam_search(self.model, enc, text_length, image_length, num_decodes, stop_at_eos=stop)
         else:
             rng = torch.Generator(device=self.device).manual_seed(self.seed)
-            result = generate.sample(self.model, enc, text_length, image_length, num_decodes, generator=rng)
+            result = generate.sample(self.model, enc, text_length, image_length, num_decodes, generator=rng,
+                                     stop_at_eos=stop)
         out = {"text_tokens": result.tokens, "scores": result.scores}
         if generate_image:
             codes = result.tokens[..., -IMAGE_OUTPUT_LENGTH:] - self.model.cfg.vocab_size
