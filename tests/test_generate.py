@@ -102,7 +102,7 @@ def test_text_answer_options(tiny_model, golden, average, skip):
 
 
 def test_text_answer_options_in_chunks(tiny_model, golden, monkeypatch):
-    """Two options per decoder pass, and the losses of one option at a time."""
+    """Two options per decoder pass, and the logits of one position at a time."""
     monkeypatch.setattr(generate, "LOGITS_CHUNK_ELEMS", 1)
     a = golden("answer_options.npz")
     enc = encode(tiny_model, a, "inputs/")

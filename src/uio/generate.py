@@ -152,28 +152,29 @@ def _option_losses(model: UnifiedIO, enc: EncoderOutput, text_inputs: Tensor, te
     """Summed (or averaged) cross-entropy of the targets under teacher forcing, per row.
 
     Only the scored part's logits are computed (text ids at text positions, image ids at image
-    ones): the reference masks the other part to -1e10, which adds exactly 0 to the softmax.
+    ones): the reference masks the other part to -1e10, which adds exactly 0 to the softmax. And
+    only at the positions the mask counts (options shorter than the longest pad the rest): the
+    reference's loss multiplies the others by 0.
     """
     hidden = model.decode_hidden(enc, text_inputs, image_inputs, text_mask, image_mask)
     t, is_image = text_inputs.shape[1], image_targets is not None
     hidden, targets, mask = (hidden[:, t:], image_targets, image_mask) if is_image else \
         (hidden[:, :t], text_targets, text_mask)
-    rows = model.output_rows(is_image)
-    # Some options at a time: hundreds of options' logits would take gigabytes at once. (Text
+    rows, counted = model.output_rows(is_image), mask.bool()
+    # Some positions at a time: hundreds of options' logits would take gigabytes at once. (Text
     # rows are the larger part: vocab_size bounds the logits of a position either way.)
-    per_chunk = max(1, LOGITS_CHUNK_ELEMS // (hidden.shape[1] * model.cfg.vocab_size))
-    nll = torch.cat([_negative_log_likelihood(model, h, y, rows)
-                     for h, y in zip(hidden.split(per_chunk), targets.split(per_chunk))])
-    mask = mask.float()
-    loss = (nll * mask).sum(dim=1)
-    return loss / mask.sum(dim=1) if average else loss
+    per_chunk = max(1, LOGITS_CHUNK_ELEMS // model.cfg.vocab_size)
+    nll = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    nll[counted] = torch.cat([_negative_log_likelihood(model, h, y, rows)
+                              for h, y in zip(hidden[counted].split(per_chunk), targets[counted].split(per_chunk))])
+    loss = nll.sum(dim=1)
+    return loss / mask.float().sum(dim=1) if average else loss
 
 
 def _negative_log_likelihood(model: UnifiedIO, hidden: Tensor, targets: Tensor, rows: slice) -> Tensor:
-    """-log p(target) (N, L) under the logits of embedding ``rows`` for ``hidden`` (N, L, D)."""
-    # contiguous: F.linear would multiply a strided 3-D slice by one copy of the weight per row
-    logits = logits_from_hidden(hidden.contiguous(), model.token_embedder, rows)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    """-log p(target) (N,) under the logits of embedding ``rows`` for ``hidden`` (N, D)."""
+    logits = logits_from_hidden(hidden, model.token_embedder, rows)
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def _text_option_batch(options: Tensor) -> tuple[Tensor, Tensor, Tensor]:
