@@ -346,3 +346,20 @@ def test_stop_at_eos_stops_beam_search_once_every_beam_ended(monkeypatch):
     beams = generate.beam_search(model, random_encoding(model, 2, 5), 8, 1, num_beams=2, stop_at_eos=True)
     assert steps_run == list(range(6))
     assert (beams.tokens[..., :6] == generate.EOS).any(-1).all() and not beams.tokens[..., 6:].any()
+
+
+@pytest.mark.parametrize("max_options", [1, 2, 800])
+@pytest.mark.parametrize("average", [False, True])
+def test_text_options_of_different_lengths_score_as_padded_ones(max_options, average):
+    """Options decoded by length without their padding get the losses of the teacher-forced
+    pass over all of them padded to the longest (positions past an option's own EOS masked)."""
+    model = random_model()
+    enc = random_encoding(model, 2, 5)
+    options = torch.tensor([[5, 6, 1, 0, 0], [7, 1, 0, 0, 0], [8, 9, 10, 11, 1], [12, 1, 0, 0, 0], [13, 14, 1, 0, 0]])
+    losses = generate.score_text_options(model, enc, options, max_options, average)
+    inputs, targets, mask = (x.repeat(2, 1) for x in generate._text_option_batch(options))
+    with torch.inference_mode():
+        logits = model.decode(enc, inputs, inputs[:, :0], mask, inputs[:, :0])[..., :model.cfg.vocab_size]
+    nll = -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0] * mask
+    expected = nll.sum(1) / mask.sum(1) if average else nll.sum(1)
+    torch.testing.assert_close(losses, expected.view(2, 5), rtol=1e-5, atol=1e-5)

@@ -146,29 +146,51 @@ def sample(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length:
     return Generation(tokens, scores.gather(1, order))
 
 
-def _option_losses(model: UnifiedIO, enc: EncoderOutput, text_inputs: Tensor, text_targets: Tensor,
-                   text_mask: Tensor, image_inputs: Tensor, image_targets: Tensor, image_mask: Tensor,
-                   average: bool) -> Tensor:
-    """Summed (or averaged) cross-entropy of the targets under teacher forcing, per row.
+@dataclass
+class _OptionPass:
+    """One teacher-forced decoder pass over answer options: the final hidden states (N, D) and
+    targets (N,) of the positions its loss counts, and its mask (rows, L) of those positions."""
+
+    hidden: Tensor
+    targets: Tensor
+    mask: Tensor
+
+
+def _option_pass(model: UnifiedIO, enc: EncoderOutput, cross_kv: list, text_inputs: Tensor, text_mask: Tensor,
+                 image_inputs: Tensor, image_mask: Tensor, targets: Tensor, is_image: bool) -> _OptionPass:
+    """Decode rows of options (``cross_kv``: the decoder's cross-attention keys/values of ``enc``)
+    and keep the counted positions of the scored part: image positions for image options, text
+    positions for text options."""
+    hidden = model.decode_hidden(enc, text_inputs, image_inputs, text_mask, image_mask, cross_kv)
+    t = text_inputs.shape[1]
+    hidden, mask = (hidden[:, t:], image_mask) if is_image else (hidden[:, :t], text_mask)
+    counted = mask.bool()
+    return _OptionPass(hidden[counted], targets[counted], counted)
+
+
+def _option_losses(model: UnifiedIO, passes: list[_OptionPass], is_image: bool, average: bool) -> list[Tensor]:
+    """Summed (or averaged) cross-entropy of the targets, per row of each pass.
 
     Only the scored part's logits are computed (text ids at text positions, image ids at image
     ones): the reference masks the other part to -1e10, which adds exactly 0 to the softmax. And
     only at the positions the mask counts (options shorter than the longest pad the rest): the
     reference's loss multiplies the others by 0.
     """
-    hidden = model.decode_hidden(enc, text_inputs, image_inputs, text_mask, image_mask)
-    t, is_image = text_inputs.shape[1], image_targets is not None
-    hidden, targets, mask = (hidden[:, t:], image_targets, image_mask) if is_image else \
-        (hidden[:, :t], text_targets, text_mask)
-    rows, counted = model.output_rows(is_image), mask.bool()
+    hidden = torch.cat([p.hidden for p in passes])
+    targets = torch.cat([p.targets for p in passes])
+    rows = model.output_rows(is_image)
     # Some positions at a time: hundreds of options' logits would take gigabytes at once. (Text
     # rows are the larger part: vocab_size bounds the logits of a position either way.)
     per_chunk = max(1, LOGITS_CHUNK_ELEMS // model.cfg.vocab_size)
-    nll = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    nll[counted] = torch.cat([_negative_log_likelihood(model, h, y, rows)
-                              for h, y in zip(hidden[counted].split(per_chunk), targets[counted].split(per_chunk))])
-    loss = nll.sum(dim=1)
-    return loss / mask.float().sum(dim=1) if average else loss
+    nll = torch.cat([_negative_log_likelihood(model, h, y, rows)
+                     for h, y in zip(hidden.split(per_chunk), targets.split(per_chunk))])
+    losses = []
+    for p, counted_nll in zip(passes, nll.split([len(p.targets) for p in passes])):
+        per_position = torch.zeros(p.mask.shape, dtype=torch.float32, device=nll.device)
+        per_position[p.mask] = counted_nll
+        loss = per_position.sum(dim=1)
+        losses.append(loss / p.mask.sum(dim=1) if average else loss)
+    return losses
 
 
 def _negative_log_likelihood(model: UnifiedIO, hidden: Tensor, targets: Tensor, rows: slice) -> Tensor:
@@ -195,19 +217,30 @@ def _text_option_batch(options: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @torch.inference_mode()
 def score_text_options(model: UnifiedIO, enc: EncoderOutput, options: Tensor, max_options: int = 800,
                        average_loss: bool = False) -> Tensor:
-    """Loss (B, n_options) of each tokenized option (n_options, W) for each example; lower is better."""
-    losses = []
+    """Loss (B, n_options) of each tokenized option (n_options, W) for each example; lower is better.
+
+    Options of each length are decoded together (up to ``max_options`` at a time), without the
+    padding to the longest: an option's positions never see the later ones (the decoder is causal)
+    and the padding's losses do not count.
+    """
     batch = enc.hidden.shape[0]
-    for chunk in options.split(max_options):
-        inputs, targets, mask = _text_option_batch(chunk)
-        n = chunk.shape[0]
-        tile = lambda x: x.repeat(batch, 1)  # noqa: E731 - each example's n options in a row (see UnifiedIO.decode)
-        # No image positions: the reference decodes one (masked) after the text, which a causal
-        # decoder's text positions never see.
-        image = chunk.new_zeros(batch * n, 0)
-        losses.append(_option_losses(model, enc, tile(inputs), tile(targets), tile(mask), image, None,
-                                     image, average_loss).view(batch, n))
-    return torch.cat(losses, dim=1)
+    cross_kv = model.decoder.cross_kv(enc.hidden)
+    positions = torch.arange(1, options.shape[1] + 1, device=options.device)
+    lengths = ((options > 0) * positions).amax(dim=1)  # up to the last token (the EOS), padding after
+    tile = lambda x: x.repeat(batch, 1)  # noqa: E731 - each example's options in a row (see UnifiedIO.decode)
+    chunks, passes = [], []
+    for length in lengths.unique().tolist():
+        for chunk in (lengths == length).nonzero()[:, 0].split(max_options):
+            inputs, targets, mask = (tile(x) for x in _text_option_batch(options[chunk, :length]))
+            # No image positions: the reference decodes one (masked) after the text, which a causal
+            # decoder's text positions never see.
+            image = inputs[:, :0]
+            chunks.append(chunk)
+            passes.append(_option_pass(model, enc, cross_kv, inputs, mask, image, image, targets, is_image=False))
+    losses = torch.empty(batch, options.shape[0], device=options.device)
+    for chunk, loss in zip(chunks, _option_losses(model, passes, False, average_loss)):
+        losses[:, chunk] = loss.view(batch, len(chunk))
+    return losses
 
 
 @torch.inference_mode()
@@ -218,14 +251,14 @@ def score_image_options(model: UnifiedIO, enc: EncoderOutput, option_codes: Tens
     Reproduces the reference: the image decoder inputs are the raw codes (without the
     ``vocab_size`` offset that generation uses) after the start token ``vocab_size - 1``.
     """
-    losses = []
     batch = enc.hidden.shape[0]
     start = model.cfg.vocab_size - 1
+    cross_kv = model.decoder.cross_kv(enc.hidden)
+    passes = []
     for codes, masks in zip(option_codes.split(max_options), option_masks.split(max_options)):
-        n = codes.shape[0]
         inputs = torch.cat([torch.full_like(codes[:, :1], start), codes[:, :-1]], dim=1).repeat(batch, 1)
-        ones = torch.ones(batch * n, 1, dtype=torch.long, device=codes.device)
-        losses.append(_option_losses(model, enc, ones * 0, ones, ones, inputs, codes.repeat(batch, 1),
-                                     masks.repeat(batch, 1), average_loss).view(batch, n))
-    return torch.cat(losses, dim=1)
-
+        ones = torch.ones(batch * codes.shape[0], 1, dtype=torch.long, device=codes.device)
+        passes.append(_option_pass(model, enc, cross_kv, ones * 0, ones, inputs, masks.repeat(batch, 1),
+                                   codes.repeat(batch, 1), is_image=True))
+    losses = _option_losses(model, passes, True, average_loss)
+    return torch.cat([loss.view(batch, -1) for loss in losses], dim=1)

@@ -707,8 +707,10 @@ class UnifiedIO(nn.Module):
         return logits.masked_fill(is_image_step != is_image_id, MASK_VALUE)
 
     def decode_hidden(self, enc: EncoderOutput, text_inputs: Tensor, image_inputs: Tensor, text_mask: Tensor,
-                      image_mask: Tensor) -> Tensor:
-        """:meth:`decode`'s final hidden states (N, T+I, D), before the output embedding."""
+                      image_mask: Tensor, cross_kv: list | None = None) -> Tensor:
+        """:meth:`decode`'s final hidden states (N, T+I, D), before the output embedding.
+
+        ``cross_kv``: ``self.decoder.cross_kv(enc.hidden)``, for passes sharing one encoding."""
         dec = self.decoder
         rows_per_example, remainder = divmod(text_inputs.shape[0], enc.mask.shape[0])
         if remainder or not rows_per_example:
@@ -725,7 +727,7 @@ class UnifiedIO(nn.Module):
         self_bias = masked(dec.self_bias(t, i, device)[None], causal & pair_valid(valid, valid))
         key_valid = enc.mask.repeat_interleave(rows_per_example, dim=0)
         cross_bias = cross_attention_bias(valid, key_valid, y.dtype)
-        return dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden), cross_bias)
+        return dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden) if cross_kv is None else cross_kv, cross_bias)
 
 
 def step_attention_dtype(hidden: Tensor) -> torch.dtype:
