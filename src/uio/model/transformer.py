@@ -625,7 +625,7 @@ class UnifiedIO(nn.Module):
 
     def _derive_again(self) -> None:
         """Re-fuse, re-lay out (see :func:`stores_transposed`), re-pack, re-trace and recompile
-        whatever the model had, from its current weights."""
+        whatever the model had, from its current weights (packing and traces on the CPU only)."""
         fused = self.decoder.layers[0].mlp.fused_wi is not None
         packed = bool(self.packed_output_rows)
         traced = self.step_traces is not None
@@ -638,9 +638,10 @@ class UnifiedIO(nn.Module):
                 relaid = empty_weight(*weight.shape, weight.device, weight.dtype).copy_(weight)
                 module.weight = nn.Parameter(relaid, requires_grad=weight.requires_grad)
         weight = self.token_embedder.weight
-        if packed and weight.device.type == "cpu" and packed_matmul_supported(weight.dtype):
+        on_cpu = weight.device.type == "cpu"
+        if packed and on_cpu and packed_matmul_supported(weight.dtype):
             self.prepack_decoder()
-        self.step_traces = StepTraces() if traced else None
+        self.step_traces = StepTraces() if traced and on_cpu else None  # as the runner builds models
         if self.compiled_step is not None:
             self.enable_compile()
 
