@@ -26,6 +26,7 @@ import torch
 import numpy as np
 
 from .model.transformer import empty_weight
+from .tree import nest_paths
 
 NDARRAY_EXT = 1  # flax's msgpack extension code for numpy arrays
 _LAYER_INDEX = re.compile(r"^layers_(\d+)$")
@@ -182,13 +183,7 @@ def write_bin(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None
     The file is written one leaf at a time, and each value of ``params`` is read only when its
     leaf is written, so a lazy mapping that makes its arrays on access never holds more than one.
     """
-    tree: dict = {}
-    for key in params:
-        node = tree
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = key
+    tree = nest_paths({key: key for key in params})
     packer = msgpack.Packer(use_bin_type=True)
 
     def write(node, f) -> None:

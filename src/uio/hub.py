@@ -39,6 +39,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .tree import nest_paths
+
 __all__ = [
     "DEFAULT_BASE_URL", "DEFAULT_HF_ENDPOINT", "CHECKPOINT_BYTES", "CHECKPOINTS", "TOKENIZER",
     "RemoteFile", "DownloadError", "OfflineError",
@@ -125,17 +127,6 @@ def _ndarray_size(shape: tuple[int, ...], dtype: Any) -> int:
     return inner + (2 if fixext else 1 + _header_size(inner, None, (_W8, _W16, _W32)))
 
 
-def _nest(leaves: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for path, leaf in leaves.items():
-        node = tree
-        *parents, name = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = leaf
-    return tree
-
-
 def _tree_size(node: Any) -> int:
     if isinstance(node, dict):
         return _header_size(len(node), 15, (_W16, _W32)) + sum(
@@ -150,7 +141,7 @@ def msgpack_tree_size(leaves: Mapping[str, Any]) -> int:
     ``leaves`` maps ``/``-joined parameter paths to arrays or to ``(shape, dtype)`` pairs, e.g.
     the output of :func:`uio.checkpoint.expected_params`; only shapes and dtypes matter.
     """
-    return _tree_size(_nest(leaves))
+    return _tree_size(nest_paths(leaves))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from .checkpoint import load_checkpoint_file
 from .processing import (  # noqa: F401  (re-exported)
     extract_keypoints, extract_segmentation_masks, preprocess_image, preprocess_target_image, region_to_tokens,
     tokens_to_regions, transpose_lists, undo_image_preprocessing)
+from .tree import nest_paths
 
 
 def load_checkpoint(checkpoint: str | os.PathLike) -> dict:
@@ -16,11 +17,5 @@ def load_checkpoint(checkpoint: str | os.PathLike) -> dict:
 
     The leaves are read-only numpy views of the memory-mapped file.
     """
-    tree: dict = {}
-    for path, leaf in load_checkpoint_file(checkpoint).items():
-        node = tree
-        *parents, name = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = leaf if isinstance(leaf, np.ndarray) else leaf.numpy()
-    return tree
+    leaves = load_checkpoint_file(checkpoint)
+    return nest_paths({path: leaf if isinstance(leaf, np.ndarray) else leaf.numpy() for path, leaf in leaves.items()})
