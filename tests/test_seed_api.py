@@ -4,8 +4,9 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import torch
 
-from uio import runner, utils
+from uio import checkpoint, runner, utils
 
 
 def test_utils_exports_the_original_helpers():
@@ -19,6 +20,18 @@ def test_load_checkpoint_gives_the_nested_tree(conformance):
     assert sorted(tree) == ["decoder", "discrete_vae", "encoder", "token_embedder"]
     kernel = tree["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
     assert isinstance(kernel, np.ndarray) and kernel.shape == (64, 128)
+
+
+def test_load_checkpoint_reads_a_bf16_safetensors_file_as_float32(conformance, tmp_path):
+    """numpy has no bfloat16: such leaves come back as float32 holding the same values."""
+    original = checkpoint.read_bin(conformance / "tiny" / "tiny.bin")
+    path = tmp_path / "tiny.safetensors"
+    checkpoint.write_safetensors(original, path, dtype=torch.bfloat16)
+    tree = utils.load_checkpoint(path)
+    kernel = tree["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    assert isinstance(kernel, np.ndarray) and kernel.dtype == np.float32 and kernel.shape == (64, 128)
+    rounded = torch.from_numpy(original["encoder/layers_0/mlp/wi_0/kernel"]).to(torch.bfloat16).float()
+    assert np.array_equal(kernel, rounded.numpy())
 
 
 def test_runner_signatures_match_the_original():
