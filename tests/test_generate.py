@@ -1,6 +1,8 @@
 """Beam search, sampling and answer-option scoring against the reference."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ import torch
 from uio import generate
 from uio.config import UnifiedIOConfig, VAEConfig
 from uio.model import transformer
-from uio.model.transformer import DecoderCache, StepTraces, UnifiedIO, decode_step, packed_matmul_supported
+from uio.model.transformer import (DecoderCache, StepGraphs, StepTraces, UnifiedIO, decode_step,
+                                   packed_matmul_supported)
 
 SCORE_ATOL = 1e-2  # sums of up to 257 log-probs (the golden README's hint)
 
@@ -143,9 +146,10 @@ def random_model(dtype: torch.dtype = torch.float32, packed: bool = False) -> Un
 def random_encoding(model, batch: int, prompt_length: int):
     generator = torch.Generator().manual_seed(batch * 100 + prompt_length)
     tokens = torch.randint(2, model.cfg.vocab_size, (batch, prompt_length), generator=generator)
-    images = torch.randn(batch, 32, 32, 3, generator=generator).to(model.token_embedder.weight.dtype)
+    images = torch.randn(batch, 32, 32, 3, generator=generator)
+    weight = model.token_embedder.weight
     with torch.inference_mode():
-        return model.encode(tokens, images)
+        return model.encode(tokens.to(weight.device), images.to(weight.device, weight.dtype))
 
 
 def generations(model, traced: bool) -> list[torch.Tensor]:
@@ -159,7 +163,8 @@ def generations(model, traced: bool) -> list[torch.Tensor]:
             enc = random_encoding(model, batch, prompt_length)
             beams = generate.beam_search(model, enc, 8, 9, num_beams=2)
             greedy = generate.beam_search(model, enc, 8, 9, num_beams=1)
-            samples = generate.sample(model, enc, 8, 9, num_samples=2, generator=torch.Generator().manual_seed(1))
+            generator = torch.Generator(enc.hidden.device).manual_seed(1)
+            samples = generate.sample(model, enc, 8, 9, num_samples=2, generator=generator)
             outputs += [beams.tokens, beams.scores, greedy.tokens, greedy.scores, samples.tokens, samples.scores]
     return outputs
 
@@ -229,8 +234,92 @@ def test_a_failed_trace_falls_back_to_eager_steps(monkeypatch, caplog):
     assert "tracing a decoding step failed (RuntimeError: unsupported operation)" in caplog.text
 
 
-def test_cpu_models_replay_traced_steps(tiny_model):
-    assert isinstance(tiny_model.step_traces, StepTraces) == StepTraces.available
+def traced_recording(replays: list) -> callable:
+    """A CPU stand-in for ``record_cuda_graph`` with a CUDA graph's semantics: replays run the
+    recorded operations on the recorded tensors (the trace holds them as constants), and the
+    Python values of the recorded step are fixed. Appends to ``replays`` at each replay."""
+    def record(run):
+        output = run()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trace = torch.jit.trace(run, (), check_trace=False)
+
+        def replay():
+            with torch.jit.optimized_execution(False):  # the optimiser would fold the constants' operations
+                replays.append(output.copy_(trace()))
+        return replay, output
+    return record
+
+
+@needs_tracing
+def test_graphed_steps_decode_exactly_what_eager_steps_decode(monkeypatch):
+    """Every step input that changes reaches the recorded step through its buffers, and beam
+    search reorders the caches in place, where the recorded step reads them."""
+    model = random_model()
+    eager = generations(model, traced=False)
+    replays = []
+    monkeypatch.setattr(StepGraphs, "record", staticmethod(traced_recording(replays)))
+    model.cuda_graphs = True
+    graphed = generations(model, traced=False)
+    for got, expected in zip(graphed, eager, strict=True):
+        assert torch.equal(got, expected)
+    assert len(replays) == 12 * (8 + 9)  # 12 calls of 8 text and 9 image steps: every step replayed
+
+
+@needs_tracing
+def test_graphs_are_recorded_per_call_and_step_kind_with_enough_steps_left(monkeypatch):
+    replays, caches = [], []
+    monkeypatch.setattr(StepGraphs, "record", staticmethod(traced_recording(replays)))
+    monkeypatch.setattr(generate, "DecoderCache", lambda *args: caches.append(DecoderCache(*args)) or caches[-1])
+    model = random_model()
+    model.cuda_graphs = True
+    enc = random_encoding(model, 1, 5)
+    generate.beam_search(model, enc, 3, 4, num_beams=2)  # 3 text steps: too few to record
+    assert sorted(caches[-1].graphs.graphs) == [True] and len(replays) == 4
+    generate.beam_search(model, enc, 4, 3, num_beams=2)  # the next call records its own graphs
+    assert sorted(caches[-1].graphs.graphs) == [False] and len(replays) == 4 + 4
+
+
+@needs_tracing
+def test_a_failed_graph_recording_falls_back_to_eager_steps(monkeypatch, caplog):
+    model = random_model()
+    eager = generations(model, traced=False)
+
+    def failing_record(run):
+        run()  # fail after the step ran, as an error at the end of a recording would
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StepGraphs, "record", staticmethod(failing_record))
+    model.cuda_graphs = True
+    for got, expected in zip(generations(model, traced=False), eager, strict=True):
+        assert torch.equal(got, expected)
+    assert not model.cuda_graphs
+    assert caplog.text.count("recording a decoding step as a CUDA graph failed (RuntimeError: operation not") == 1
+
+
+@needs_tracing
+def test_a_model_converted_on_the_cpu_traces_its_steps_instead_of_graphing_them():
+    model = random_model()
+    model.cuda_graphs = True
+    model.to(torch.float64)
+    assert not model.cuda_graphs and isinstance(model.step_traces, StepTraces)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_decode_what_eager_cuda_steps_decode(dtype):
+    model = random_model(dtype)
+    model.enable_step_traces()
+    model.to("cuda")  # a traced CPU model records CUDA graphs once on a GPU
+    assert model.cuda_graphs and model.step_traces is None
+    graphed = generations(model, traced=False)
+    model.cuda_graphs = False
+    eager = generations(model, traced=False)
+    for got, expected in zip(graphed, eager, strict=True):
+        if got.dtype == torch.long:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -11,14 +11,21 @@ import torch
 
 SCORE_ATOL = 1e-2
 IMAGE_ATOL = 1e-4
+# Tests of the shared runner run on each device; a GPU's run of the suite checks it against the goldens.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
 
 
-@pytest.fixture(scope="module")
-def runner(conformance):
+def make_runner(conformance, device="cpu", **kwargs):
     from uio.runner import ModelRunner
 
     return ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
-                       tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False, device="cpu")
+                       tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False, device=device, **kwargs)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def runner(conformance, request):
+    return make_runner(conformance, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +165,20 @@ def test_bad_input_raises_clear_errors(runner, test_image, bad_call, message):
         bad_call(runner, test_image)
 
 
-def make_runner(conformance, **kwargs):
-    from uio.runner import ModelRunner
+def test_models_replay_recorded_steps(runner):
+    """Decoding steps replay traces on the CPU, CUDA graphs on a GPU."""
+    from uio.model.transformer import StepTraces
 
-    return ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
-                       tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False, device="cpu", **kwargs)
+    model = runner.model
+    if runner.device.type == "cuda":
+        assert model.cuda_graphs and model.step_traces is None
+    else:
+        assert not model.cuda_graphs and isinstance(model.step_traces, StepTraces) == StepTraces.available
 
 
 def test_compiled_runner_matches_eager(conformance, runner, test_image):
     """``compiled=True`` pads prompts to a fixed length and replays compiled graphs: same answer."""
-    compiled = make_runner(conformance, compiled=True)
+    compiled = make_runner(conformance, runner.device, compiled=True)
     assert compiled.pad_to_max
     for _ in range(2):  # compile, then replay
         out = compiled.run([test_image], ["what is on the left ?"], output_text_len=6)
@@ -176,14 +187,15 @@ def test_compiled_runner_matches_eager(conformance, runner, test_image):
     np.testing.assert_allclose(out["score"], ref["score"], atol=1e-3)
 
 
-def test_bf16_runner_runs_every_output_kind(conformance, test_image):
-    """bf16 weights (the VQGAN's where the CPU has bf16 kernels): outputs have the documented
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_runner_runs_every_output_kind(conformance, test_image, device):
+    """bf16 weights (the VQGAN's where the device has bf16 kernels): outputs have the documented
     types and ranges."""
-    from uio.model.hardware import cpu_has_bf16_kernels
+    from uio.model.hardware import computes_natively
 
-    bf16 = make_runner(conformance, dtype="bf16")
+    bf16 = make_runner(conformance, device, dtype="bf16")
     assert bf16.model.token_embedder.weight.dtype == torch.bfloat16
-    vqgan_dtype = torch.bfloat16 if cpu_has_bf16_kernels() else torch.float32
+    vqgan_dtype = torch.bfloat16 if computes_natively(torch.bfloat16, torch.device(device)) else torch.float32
     assert bf16.model.discrete_vae.quantize.weight.dtype == vqgan_dtype
     depth = bf16.depth(test_image, beam_search=True)
     assert depth["image"].dtype == np.float32 and 0 <= depth["image"].min() <= depth["image"].max() <= 1
@@ -230,9 +242,9 @@ def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image,
 def test_a_converted_model_runs_with_inputs_in_its_dtype(conformance, runner, test_image):
     """``runner.model.to(...)`` after loading: the runner's inputs follow the model's dtype, and
     text, image tokens and score match the fp32 model's (float64 only rounds differently)."""
-    wide = make_runner(conformance)
+    wide = make_runner(conformance, runner.device)
     wide.model.to(torch.float64)
-    assert wide.dtype == torch.float64 and wide.device == torch.device("cpu")
+    assert wide.dtype == torch.float64 and wide.device == runner.device
     call = lambda r: r.run([test_image], ["what is on the left ?"], output_text_len=6, generate_image=True)  # noqa: E731
     got, expected = call(wide), call(runner)
     np.testing.assert_array_equal(got["text_tokens"], expected["text_tokens"])

@@ -63,7 +63,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     model also keeps packed copies of the weights a decoding step reads, for faster steps
     (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them). CPU models replay
     their decoding steps from traces (:meth:`UnifiedIO.enable_step_traces`; turn them off with
-    ``model.step_traces = None``).
+    ``model.step_traces = None``), CUDA models from CUDA graphs (:class:`~uio.model.transformer.StepGraphs`;
+    ``model.cuda_graphs = False`` turns them off).
     """
     config, vae_config = load_config(size)
     device = torch.device(device)
@@ -82,6 +83,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     model.eval().requires_grad_(False)
     if device.type == "cpu" and StepTraces.available:
         model.enable_step_traces()
+    model.cuda_graphs = device.type == "cuda"
     return model
 
 

@@ -38,6 +38,7 @@ PACKED_BLOCKING_ROWS = 16
 EMULATED_BF16_MAX_ROWS = 6
 MAX_STEP_TRACES = 64  # step shapes kept traced (see StepTraces); a few recur in practice
 MIN_TRACED_STEPS = 8  # making a trace takes about as long as 8 steps: fewer steps left run eagerly
+MIN_GRAPHED_STEPS = 4  # recording a CUDA graph runs the step twice: fewer steps left run eagerly
 
 
 class RMSNorm(nn.Module):
@@ -568,6 +569,7 @@ class UnifiedIO(nn.Module):
         self.discrete_vae = VQGAN(vae_cfg)
         self.compiled_step: Callable | None = None  # see enable_compile
         self.step_traces: StepTraces | None = None  # see enable_step_traces
+        self.cuda_graphs = False  # record each call's decoding steps as CUDA graphs (see StepGraphs)
         self.packed_output_rows: dict[bool, Tensor] = {}  # is_image -> packed rows; see prepack_decoder
 
     def fuse_projections(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -625,10 +627,11 @@ class UnifiedIO(nn.Module):
 
     def _derive_again(self) -> None:
         """Re-fuse, re-lay out (see :func:`stores_transposed`), re-pack, re-trace and recompile
-        whatever the model had, from its current weights (packing and traces on the CPU only)."""
+        whatever the model had, from its current weights (packing and traces on the CPU only, CUDA
+        graphs on a GPU only)."""
         fused = self.decoder.layers[0].mlp.fused_wi is not None
         packed = bool(self.packed_output_rows)
-        traced = self.step_traces is not None
+        recorded = self.step_traces is not None or self.cuda_graphs
         self.drop_packed()
         if fused:
             self.fuse_projections()
@@ -641,7 +644,9 @@ class UnifiedIO(nn.Module):
         on_cpu = weight.device.type == "cpu"
         if packed and on_cpu and packed_matmul_supported(weight.dtype):
             self.prepack_decoder()
-        self.step_traces = StepTraces() if traced and on_cpu else None  # as the runner builds models
+        # As the runner builds models: traced steps on the CPU, CUDA graphs on a GPU.
+        self.step_traces = StepTraces() if recorded and on_cpu else None
+        self.cuda_graphs = recorded and weight.device.type == "cuda"
         if self.compiled_step is not None:
             self.enable_compile()
 
@@ -742,7 +747,9 @@ def step_attention_dtype(hidden: Tensor) -> torch.dtype:
 
 class DecoderCache:
     """Preallocated state for incremental decoding of ``N`` sequences of ``T`` text + ``I`` image steps,
-    ``rows_per_example`` consecutive ones per encoded example (its beams or samples).
+    ``rows_per_example`` consecutive ones per encoded example (its beams or samples). With
+    ``model.cuda_graphs``, its steps replay CUDA graphs (:class:`StepGraphs`) recorded on its tensors,
+    which therefore keep their addresses for its whole life (:meth:`reorder` works in place).
 
     Holds each layer's self-attention keys/values, the cross-attention keys/values projected once,
     the position-bias table for the whole output (those three in :func:`step_attention_dtype`),
@@ -766,9 +773,14 @@ class DecoderCache:
         self.self_bias = dec.self_bias(text_length, image_length, device).to(dtype)
         self.positions = dec.position_ids(text_length, image_length, device)
         self.step_index = torch.arange(self.length, device=device)
+        self.graphs = StepGraphs() if model.cuda_graphs else None
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` (beam search); cross-attention state is shared by an example's beams."""
+        if self.graphs is not None:  # graphs read these tensors where they are
+            for t in [*self.keys, *self.values, self.key_valid]:
+                t.copy_(t.index_select(0, index))
+            return
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
         self.key_valid = self.key_valid.index_select(0, index)
@@ -786,8 +798,10 @@ def decode_step(model: "UnifiedIO", cache: DecoderCache, tokens: Tensor, step: i
               cache.positions, cache.step_index[step:step + 1], tokens, valid)
     if model.compiled_step is not None:
         return model.compiled_step(model, *inputs, is_image)
+    steps_left = (cache.length if is_image else cache.text_length) - step  # of this kind, this one included
+    if cache.graphs is not None and not torch.is_grad_enabled():
+        return cache.graphs.run(model, inputs, is_image, steps_left)
     if model.step_traces is not None and not torch.is_grad_enabled():
-        steps_left = (cache.length if is_image else cache.text_length) - step  # of this kind, this one included
         return model.step_traces.run(model, inputs, is_image, steps_left)
     return _decode_step(model, *inputs, is_image)
 
@@ -880,3 +894,66 @@ class StepTraces:
             del self.traces[next(iter(self.traces))]
         self.traces[key] = trace
         return outputs[0]
+
+
+def record_cuda_graph(run: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
+    """Record ``run()``'s kernels as a CUDA graph: returns (replay, the tensor each replay writes
+    ``run``'s result into). ``run`` is called once before recording, on a side stream, so that
+    lazy initialisations (library handles, kernel choices) happen outside the recording."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = run()
+    return graph.replay, output
+
+
+class StepGraphs:
+    """CUDA graphs of :func:`_decode_step` for one :class:`DecoderCache`, replayed in place of running it.
+
+    On a GPU, a step of a small model is ~600 kernels that each take less time to run than to
+    launch from Python; a graph launches them all at once. A graph replays the recorded kernels on
+    the recorded tensors: the cache's (which keep their addresses) and buffers for the inputs that
+    change from step to step (step index, tokens, key validity), copied in before each replay. The
+    step's Python code may branch only on what :class:`StepTraces` keys on, which is fixed for a
+    cache but for the step kind: one graph per step kind, recorded on its first step when at least
+    ``MIN_GRAPHED_STEPS`` steps of that kind are left. If recording fails, steps run eagerly and
+    ``model.cuda_graphs`` is turned off.
+    """
+
+    record = staticmethod(record_cuda_graph)  # tests substitute a CPU stand-in
+
+    def __init__(self):
+        self.graphs: dict[bool, tuple[tuple[Tensor, ...], Callable[[], None], Tensor]] = {}
+
+    def run(self, model: "UnifiedIO", inputs: tuple, is_image: bool, steps_left: int) -> Tensor:
+        """``_decode_step(model, *inputs, is_image)``, replayed from a graph (recorded first if need be)."""
+        graph = self.graphs.get(is_image)
+        if graph is None and steps_left >= MIN_GRAPHED_STEPS and model.cuda_graphs:
+            graph = self._record(model, inputs, is_image)
+        if graph is None:
+            return _decode_step(model, *inputs, is_image)
+        buffers, replay, output = graph
+        for buffer, value in zip(buffers, inputs[-3:]):  # the step index, tokens and validity
+            buffer.copy_(value)
+        replay()
+        return output.clone()  # the next replay overwrites it
+
+    def _record(self, model: "UnifiedIO", inputs: tuple, is_image: bool) -> tuple | None:
+        """Record the step as a graph and keep it; None (and ``model.cuda_graphs`` off) if that fails."""
+        buffers = tuple(t.clone() for t in inputs[-3:])
+        args = inputs[:-3] + buffers
+        try:
+            # Recording runs the step (once, before it records): it writes this step's cache
+            # entries, which the replay then writes again with the same values.
+            replay, output = self.record(lambda: _decode_step(model, *args, is_image))
+        except Exception as error:  # an optional speed-up: never fail a call for it
+            log.warning("recording a decoding step as a CUDA graph failed (%s: %s); steps run eagerly from now on",
+                        type(error).__name__, error)
+            model.cuda_graphs = False
+            return None
+        self.graphs[is_image] = (buffers, replay, output)
+        return self.graphs[is_image]

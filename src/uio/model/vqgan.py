@@ -16,6 +16,7 @@ Note the decoder's level numbering: ``up_0`` is the LOWEST resolution (the rever
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -387,6 +388,21 @@ class Decoder(_Tower):
         self.conv_out = _conv(block_in, cfg.out_ch, 3)
 
 
+@contextlib.contextmanager
+def _full_fp32_convolutions(x: torch.Tensor):
+    """On a GPU, cuDNN computes float32 convolutions in TF32 by default (a 10-bit mantissa, errors of
+    ~1e-3): a float32 VQGAN computes in full float32 there, as the reference does."""
+    if x.device.type != "cuda" or x.dtype != torch.float32:
+        yield
+        return
+    conv = torch.backends.cudnn.conv
+    before, conv.fp32_precision = conv.fp32_precision, "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
+
+
 def _to_nchw(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """NHWC -> NCHW with channels-last strides; free for a contiguous NHWC tensor already in dtype."""
     return x.to(dtype).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
@@ -397,7 +413,8 @@ class VQGAN(nn.Module):
 
     Images are NHWC in [-1, 1]; codes are (B, h*w) row-major indices into the codebook.
     Works in any floating dtype; GroupNorm and the codebook distances run in float32. On GPU
-    keep TF32 matmuls off (torch's default) for codes that match the reference at near-ties.
+    keep TF32 matmuls off (torch's default) for codes that match the reference at near-ties;
+    float32 convolutions never use TF32 (see :func:`_full_fp32_convolutions`).
     """
 
     def __init__(self, cfg: VAEConfig):
@@ -420,7 +437,8 @@ class VQGAN(nn.Module):
         configs (the reference quantises it as-is, so z_channels must equal embed_dim).
         """
         x = _to_nchw(images, self._dtype)
-        return self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
+        with _full_fp32_convolutions(x):
+            return self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
 
     @torch.no_grad()
     def encode_to_codes(self, images: torch.Tensor) -> torch.Tensor:
@@ -463,7 +481,8 @@ class VQGAN(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Quantised NHWC latents (B, h, w, embed_dim) -> raw NHWC decoder output."""
         x = _to_nchw(latents, self._dtype)
-        return self.decoder(self.post_quant_conv(x)).permute(0, 2, 3, 1)
+        with _full_fp32_convolutions(x):
+            return self.decoder(self.post_quant_conv(x)).permute(0, 2, 3, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruct NHWC images through the codebook (encode, quantise, decode)."""
