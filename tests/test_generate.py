@@ -169,6 +169,15 @@ def generations(model, traced: bool) -> list[torch.Tensor]:
     return outputs
 
 
+def assert_generations_match(got: list, expected: list, tolerance: float) -> None:
+    """Token ids equal, scores within ``tolerance`` (relative and absolute) of ``expected``'s."""
+    for tensor, reference in zip(got, expected, strict=True):
+        if tensor.dtype == torch.long:
+            assert torch.equal(tensor, reference)
+        else:
+            torch.testing.assert_close(tensor.float(), reference, rtol=tolerance, atol=tolerance)
+
+
 needs_tracing = pytest.mark.skipif(not StepTraces.available, reason="torch.jit.trace is unsupported on this Python")
 PACKED = [pytest.param(dtype, True, id=f"{name}-packed", marks=pytest.mark.skipif(
     not packed_matmul_supported(dtype), reason=f"this CPU has no oneDNN packed matmul for {name}"))
@@ -315,11 +324,7 @@ def test_cuda_graphs_decode_what_eager_cuda_steps_decode(dtype):
     graphed = generations(model, traced=False)
     model.cuda_graphs = False
     eager = generations(model, traced=False)
-    for got, expected in zip(graphed, eager, strict=True):
-        if got.dtype == torch.long:
-            assert torch.equal(got, expected)
-        else:
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_generations_match(graphed, eager, tolerance=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -362,11 +367,7 @@ def test_converting_a_model_derives_its_fused_and_traced_forms_again():
     assert not model.step_traces.traces  # the float32 traces held the float32 weights
     model.step_traces = None
     wide = generations(model, traced=False)
-    for got, expected in zip(wide, before, strict=True):
-        if got.dtype == torch.long:
-            assert torch.equal(got, expected)
-        else:
-            torch.testing.assert_close(got.float(), expected, rtol=1e-4, atol=1e-4)
+    assert_generations_match(wide, before, tolerance=1e-4)
     model.to(torch.float32)
     assert attention.fused_qkv.dtype == torch.float32 and attention.fused_qkv.T.is_contiguous()
     for got, expected in zip(generations(model, traced=True), before, strict=True):
