@@ -389,9 +389,10 @@ class Decoder(_Tower):
 
 
 @contextlib.contextmanager
-def _full_fp32_convolutions(x: torch.Tensor):
-    """On a GPU, cuDNN computes float32 convolutions in TF32 by default (a 10-bit mantissa, errors of
-    ~1e-3): a float32 VQGAN computes in full float32 there, as the reference does."""
+def full_fp32_convolutions(x: torch.Tensor):
+    """Within it, float32 convolutions on ``x``'s device compute in full float32: on a GPU, cuDNN's
+    default is TF32 (a 10-bit mantissa, errors of ~1e-3). The VQGAN's float32 images use it, as the
+    reference computes them in full float32."""
     if x.device.type != "cuda" or x.dtype != torch.float32:
         yield
         return
@@ -414,7 +415,7 @@ class VQGAN(nn.Module):
     Images are NHWC in [-1, 1]; codes are (B, h*w) row-major indices into the codebook.
     Works in any floating dtype; GroupNorm and the codebook distances run in float32. On GPU
     keep TF32 matmuls off (torch's default) for codes that match the reference at near-ties;
-    float32 convolutions never use TF32 (see :func:`_full_fp32_convolutions`).
+    float32 convolutions never use TF32 (see :func:`full_fp32_convolutions`).
     """
 
     def __init__(self, cfg: VAEConfig):
@@ -437,7 +438,7 @@ class VQGAN(nn.Module):
         configs (the reference quantises it as-is, so z_channels must equal embed_dim).
         """
         x = _to_nchw(images, self._dtype)
-        with _full_fp32_convolutions(x):
+        with full_fp32_convolutions(x):
             return self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
 
     @torch.no_grad()
@@ -481,7 +482,7 @@ class VQGAN(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Quantised NHWC latents (B, h, w, embed_dim) -> raw NHWC decoder output."""
         x = _to_nchw(latents, self._dtype)
-        with _full_fp32_convolutions(x):
+        with full_fp32_convolutions(x):
             return self.decoder(self.post_quant_conv(x)).permute(0, 2, 3, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
