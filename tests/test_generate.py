@@ -290,6 +290,24 @@ def test_graphs_are_recorded_per_call_and_step_kind_with_enough_steps_left(monke
 
 
 @needs_tracing
+def test_graphs_of_a_compiled_model_record_its_compiled_step(monkeypatch):
+    replays, compiled_calls = [], []
+    monkeypatch.setattr(StepGraphs, "record", staticmethod(traced_recording(replays)))
+    model = random_model()
+    eager = generate.beam_search(model, random_encoding(model, 1, 5), 8, 9)
+
+    def compiled_step(*args):  # stands for torch.compile(_decode_step)
+        compiled_calls.append(args[-1])
+        return transformer._decode_step(*args)
+
+    model.compiled_step, model.cuda_graphs = compiled_step, True
+    graphed = generate.beam_search(model, random_encoding(model, 1, 5), 8, 9)
+    assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.scores, eager.scores)
+    assert len(replays) == 8 + 9
+    assert compiled_calls == [False, False, True, True]  # only while recording (the stand-in runs it twice)
+
+
+@needs_tracing
 def test_a_failed_graph_recording_falls_back_to_eager_steps(monkeypatch, caplog):
     model = random_model()
     eager = generations(model, traced=False)

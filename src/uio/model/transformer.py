@@ -796,11 +796,11 @@ def decode_step(model: "UnifiedIO", cache: DecoderCache, tokens: Tensor, step: i
     is_image = step >= cache.text_length
     inputs = (cache.keys, cache.values, cache.key_valid, cache.cross_kv, cache.cross_bias, cache.self_bias,
               cache.positions, cache.step_index[step:step + 1], tokens, valid)
-    if model.compiled_step is not None:
-        return model.compiled_step(model, *inputs, is_image)
     steps_left = (cache.length if is_image else cache.text_length) - step  # of this kind, this one included
     if cache.graphs is not None and not torch.is_grad_enabled():
         return cache.graphs.run(model, inputs, is_image, steps_left)
+    if model.compiled_step is not None:
+        return model.compiled_step(model, *inputs, is_image)
     if model.step_traces is not None and not torch.is_grad_enabled():
         return model.step_traces.run(model, inputs, is_image, steps_left)
     return _decode_step(model, *inputs, is_image)
@@ -912,16 +912,17 @@ def record_cuda_graph(run: Callable[[], Tensor]) -> tuple[Callable[[], None], Te
 
 
 class StepGraphs:
-    """CUDA graphs of :func:`_decode_step` for one :class:`DecoderCache`, replayed in place of running it.
+    """CUDA graphs of :func:`_decode_step` (or of the model's compiled step) for one
+    :class:`DecoderCache`, replayed in place of running it.
 
-    On a GPU, a step of a small model is ~600 kernels that each take less time to run than to
-    launch from Python; a graph launches them all at once. A graph replays the recorded kernels on
-    the recorded tensors: the cache's (which keep their addresses) and buffers for the inputs that
-    change from step to step (step index, tokens, key validity), copied in before each replay. The
-    step's Python code may branch only on what :class:`StepTraces` keys on, which is fixed for a
-    cache but for the step kind: one graph per step kind, recorded on its first step when at least
-    ``MIN_GRAPHED_STEPS`` steps of that kind are left. If recording fails, steps run eagerly and
-    ``model.cuda_graphs`` is turned off.
+    On a GPU, a step of a small model is ~600 kernels (fewer, fused, when compiled) that each take
+    less time to run than to launch from Python; a graph launches them all at once. A graph
+    replays the recorded kernels on the recorded tensors: the cache's (which keep their addresses)
+    and buffers for the inputs that change from step to step (step index, tokens, key validity),
+    copied in before each replay. The step's Python code may branch only on what
+    :class:`StepTraces` keys on, which is fixed for a cache but for the step kind: one graph per
+    step kind, recorded on its first step when at least ``MIN_GRAPHED_STEPS`` steps of that kind
+    are left. If recording fails, steps run eagerly and ``model.cuda_graphs`` is turned off.
     """
 
     record = staticmethod(record_cuda_graph)  # tests substitute a CPU stand-in
@@ -935,7 +936,7 @@ class StepGraphs:
         if graph is None and steps_left >= MIN_GRAPHED_STEPS and model.cuda_graphs:
             graph = self._record(model, inputs, is_image)
         if graph is None:
-            return _decode_step(model, *inputs, is_image)
+            return (model.compiled_step or _decode_step)(model, *inputs, is_image)
         buffers, replay, output = graph
         for buffer, value in zip(buffers, inputs[-3:]):  # the step index, tokens and validity
             buffer.copy_(value)
@@ -949,7 +950,7 @@ class StepGraphs:
         try:
             # Recording runs the step (once, before it records): it writes this step's cache
             # entries, which the replay then writes again with the same values.
-            replay, output = self.record(lambda: _decode_step(model, *args, is_image))
+            replay, output = self.record(lambda: (model.compiled_step or _decode_step)(model, *args, is_image))
         except Exception as error:  # an optional speed-up: never fail a call for it
             log.warning("recording a decoding step as a CUDA graph failed (%s: %s); steps run eagerly from now on",
                         type(error).__name__, error)
