@@ -190,3 +190,25 @@ def test_decode_cached_weights_follow_parameter_updates():
     out = model.decode_codes(codes)
     out.float().square().mean().backward()
     assert model.decoder.up_0_upsample.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("api", ["per-operation", "legacy"])
+def test_float32_convolutions_on_a_gpu_compute_in_full_float32(monkeypatch, api):
+    """cuDNN's TF32 default is switched off inside, then restored; CPU tensors change nothing."""
+    from types import SimpleNamespace
+
+    from uio.model.vqgan import full_fp32_convolutions
+
+    if api == "legacy":  # torch before 2.9: one flag, no cudnn.conv
+        monkeypatch.setattr(torch.backends, "cudnn", SimpleNamespace(allow_tf32=True))
+    cudnn = torch.backends.cudnn
+    read = (lambda: cudnn.conv.fp32_precision) if api == "per-operation" else (lambda: cudnn.allow_tf32)
+    before = read()
+    with full_fp32_convolutions(torch.zeros(1)):
+        assert read() == before
+    on_gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    with full_fp32_convolutions(on_gpu):
+        assert read() == ("ieee" if api == "per-operation" else False)
+    assert read() == before
+    with full_fp32_convolutions(SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)):
+        assert read() == before

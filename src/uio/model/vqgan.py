@@ -396,12 +396,16 @@ def full_fp32_convolutions(x: torch.Tensor):
     if x.device.type != "cuda" or x.dtype != torch.float32:
         yield
         return
-    conv = torch.backends.cudnn.conv
-    before, conv.fp32_precision = conv.fp32_precision, "ieee"
+    cudnn = torch.backends.cudnn
+    # torch 2.9 added per-operation precision settings; earlier versions have one cuDNN flag.
+    owner, flag, full = ((cudnn.conv, "fp32_precision", "ieee") if hasattr(cudnn, "conv")
+                         else (cudnn, "allow_tf32", False))
+    before = getattr(owner, flag)
+    setattr(owner, flag, full)
     try:
         yield
     finally:
-        conv.fp32_precision = before
+        setattr(owner, flag, before)
 
 
 def _to_nchw(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
