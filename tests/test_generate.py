@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -243,7 +244,7 @@ def test_a_failed_trace_falls_back_to_eager_steps(monkeypatch, caplog):
     assert "tracing a decoding step failed (RuntimeError: unsupported operation)" in caplog.text
 
 
-def traced_recording(replays: list) -> callable:
+def traced_recording(replays: list) -> Callable:
     """A CPU stand-in for ``record_cuda_graph`` with a CUDA graph's semantics: replays run the
     recorded operations on the recorded tensors (the trace holds them as constants), and the
     Python values of the recorded step are fixed. Appends to ``replays`` at each replay."""
