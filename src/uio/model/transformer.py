@@ -932,25 +932,26 @@ class StepGraphs:
 
     def run(self, model: "UnifiedIO", inputs: tuple, is_image: bool, steps_left: int) -> Tensor:
         """``_decode_step(model, *inputs, is_image)``, replayed from a graph (recorded first if need be)."""
+        step = model.compiled_step or _decode_step
         graph = self.graphs.get(is_image)
         if graph is None and steps_left >= MIN_GRAPHED_STEPS and model.cuda_graphs:
-            graph = self._record(model, inputs, is_image)
+            graph = self._record(step, model, inputs, is_image)
         if graph is None:
-            return (model.compiled_step or _decode_step)(model, *inputs, is_image)
+            return step(model, *inputs, is_image)
         buffers, replay, output = graph
         for buffer, value in zip(buffers, inputs[-3:]):  # the step index, tokens and validity
             buffer.copy_(value)
         replay()
         return output.clone()  # the next replay overwrites it
 
-    def _record(self, model: "UnifiedIO", inputs: tuple, is_image: bool) -> tuple | None:
-        """Record the step as a graph and keep it; None (and ``model.cuda_graphs`` off) if that fails."""
+    def _record(self, step: Callable[..., Tensor], model: "UnifiedIO", inputs: tuple, is_image: bool) -> tuple | None:
+        """Record ``step`` as a graph and keep it; None (and ``model.cuda_graphs`` off) if that fails."""
         buffers = tuple(t.clone() for t in inputs[-3:])
         args = inputs[:-3] + buffers
         try:
             # Recording runs the step (once, before it records): it writes this step's cache
             # entries, which the replay then writes again with the same values.
-            replay, output = self.record(lambda: (model.compiled_step or _decode_step)(model, *args, is_image))
+            replay, output = self.record(lambda: step(model, *args, is_image))
         except Exception as error:  # an optional speed-up: never fail a call for it
             log.warning("recording a decoding step as a CUDA graph failed (%s: %s); steps run eagerly from now on",
                         type(error).__name__, error)
