@@ -201,6 +201,8 @@ def test_float32_convolutions_on_a_gpu_compute_in_full_float32(monkeypatch, api)
 
     if api == "legacy":  # torch before 2.9: one flag, no cudnn.conv
         monkeypatch.setattr(torch.backends, "cudnn", SimpleNamespace(allow_tf32=True))
+    elif not hasattr(torch.backends.cudnn, "conv"):  # this torch is older: stand in for 2.9's API
+        monkeypatch.setattr(torch.backends, "cudnn", SimpleNamespace(conv=SimpleNamespace(fp32_precision="none")))
     cudnn = torch.backends.cudnn
     read = (lambda: cudnn.conv.fp32_precision) if api == "per-operation" else (lambda: cudnn.allow_tf32)
     before = read()

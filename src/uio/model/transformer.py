@@ -262,8 +262,10 @@ def pair_valid(query_valid: Tensor, key_valid: Tensor) -> Tensor:
 def masked(bias: Tensor, valid: Tensor) -> Tensor:
     """``bias`` where ``valid``, -1e10 elsewhere (broadcast). The reference adds -1e10 to the bias
     instead; in float32 that rounds to -1e10 for any bias under 512 in magnitude, so both agree,
-    and one pass over the (B, H, Lq, Lk) tensor is cheaper than two."""
-    return torch.where(valid, bias, MASK_VALUE)
+    and one pass over the (B, H, Lq, Lk) tensor is cheaper than two. In float16, whose range
+    ends at 65504, -inf instead (what newer torch makes of -1e10 there; older torch raises)."""
+    fill = MASK_VALUE if torch.finfo(bias.dtype).min <= MASK_VALUE else -math.inf
+    return torch.where(valid, bias, fill)
 
 
 def cross_attention_bias(query_valid: Tensor, key_valid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -335,21 +337,26 @@ def _relative_buckets(text_length: int, image_length: int, image_width: int, bid
     """(T+I, T+I) column ids into :class:`RelativePositionBiases`' joint table: text buckets among
     text positions, image buckets (offset by the text ones) among the positions of a row-major
     image grid, and the zero column after both for text-image pairs."""
-    with torch.inference_mode(False):  # usable under autograd too, whatever mode first built them
-        text = torch.arange(text_length, device=device)
-        image = torch.arange(image_length, device=device)
-        x, y = image % image_width, image // image_width
-        total = text_length + image_length
-        index = torch.full((total, total), TEXT_BUCKETS + 4 * IMAGE_BUCKETS ** 2, device=device)
-        index[:text_length, :text_length] = text_relative_bucket(text[None, :] - text[:, None], bidirectional)
-        index[text_length:, text_length:] = TEXT_BUCKETS + image_relative_bucket(x[None, :] - x[:, None],
-                                                                                 y[None, :] - y[:, None])
-        return index
+    text = torch.arange(text_length, device=device)
+    image = torch.arange(image_length, device=device)
+    x, y = image % image_width, image // image_width
+    total = text_length + image_length
+    index = torch.full((total, total), TEXT_BUCKETS + 4 * IMAGE_BUCKETS ** 2, device=device)
+    index[:text_length, :text_length] = text_relative_bucket(text[None, :] - text[:, None], bidirectional)
+    index[text_length:, text_length:] = TEXT_BUCKETS + image_relative_bucket(x[None, :] - x[:, None],
+                                                                             y[None, :] - y[:, None])
+    return index
 
 
 # Buckets depend on shapes only, and computing them for 576 image positions takes longer than the
 # rest of the bias: a few shapes recur (one image grid, a few prompt lengths).
-_cached_relative_buckets = functools.lru_cache(maxsize=32)(_relative_buckets)
+@functools.lru_cache(maxsize=32)
+def _cached_relative_buckets(text_length: int, image_length: int, image_width: int, bidirectional: bool,
+                             device: torch.device) -> Tensor:
+    # Outside inference mode, whatever mode the first call ran in: kept tensors serve autograd too.
+    # (Not in the compiled path: torch 2.6-2.7 fail to compile inference_mode(False) there.)
+    with torch.inference_mode(False):
+        return _relative_buckets(text_length, image_length, image_width, bidirectional, device)
 
 
 def position_bias(pos_emb: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, num_heads: int, emb_dim: int,
@@ -663,7 +670,9 @@ class UnifiedIO(nn.Module):
         self.step_traces = None
         inductor_config.freezing = True
         # Each batch size and output length is its own graph; keep them all rather than 8.
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        # (torch before 2.7 names the limit cache_size_limit.)
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         self.encoder.compile(dynamic=False)
         self.compiled_step = torch.compile(_decode_step, dynamic=False)
 
