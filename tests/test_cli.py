@@ -240,6 +240,27 @@ def test_download_offline_says_what_to_fetch(capsys, tmp_path, monkeypatch):
     assert code == 1 and "spiece.model" in err and "Traceback" not in err
 
 
+def test_download_fetches_the_checkpoint_and_vocabulary_once(capsys, tmp_path, monkeypatch):
+    from helpers_http import FileServer
+    from uio import hub
+
+    weights, vocab = b"w" * 3000, b"v" * 2000
+    monkeypatch.setitem(hub.CHECKPOINTS, "base", hub.RemoteFile("base_1000k.bin", len(weights)))
+    monkeypatch.setattr(hub, "TOKENIZER", hub.RemoteFile("spiece.model", len(vocab)))
+    monkeypatch.setenv("UIO_HOME", str(tmp_path))
+    monkeypatch.delenv("UIO_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    files = {"/w/base_1000k.bin": weights, "/t5-base/resolve/main/spiece.model": vocab}
+    with FileServer(files) as server:
+        monkeypatch.setenv("UIO_BASE_URL", server.url("/w"))
+        monkeypatch.setenv("HF_ENDPOINT", server.base_url)
+        record = run_json(capsys, "download", "base")
+        assert run_json(capsys, "download", "base") == record  # cached: no second request
+    assert len(server.requests) == 2
+    assert record["cache_dir"] == str(tmp_path)
+    assert open(record["checkpoint"], "rb").read() == weights and open(record["tokenizer"], "rb").read() == vocab
+
+
 def test_draw_helpers():
     image = np.zeros((40, 60, 3), np.uint8)
     boxed = np.array(draw.draw_boxes(image, [[5, 5, 30, 20]], ["x"]))
