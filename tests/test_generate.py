@@ -404,6 +404,10 @@ def test_converting_a_packed_model_packs_it_again_where_it_can():
     assert [w.dtype for w in model.packed_weights()] == expected
     linears = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
     assert all(m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() for m in linears)
+    model.to(torch.float32)  # packed again, from the converted weights
+    assert [w.dtype for w in model.packed_weights()] == [torch.float32] * len(packed)
+    mlp, x = model.decoder.layers[0].mlp, torch.randn(1, model.cfg.emb_dim)
+    torch.testing.assert_close(transformer.linear(x, mlp.fused_wi, mlp.packed["wi"]), x @ mlp.fused_wi.T)
 
 
 def force_eos(monkeypatch, steps: list[int]) -> list[int]:

@@ -239,6 +239,19 @@ def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image,
     assert make_runner(conformance, dtype=dtype, prepack=False).model.packed_weights() == []
 
 
+def test_converted_models_keep_the_packing_asked_for(conformance):
+    """``prepack`` holds through ``.to()``: a model is packed whenever it lands on a dtype and
+    device packed there, even when loaded on one that is not; never with ``prepack=False``."""
+    from uio.model.transformer import packed_matmul_supported
+
+    if not packed_matmul_supported(torch.float32):
+        pytest.skip("this CPU has no oneDNN packed matmul for fp32")
+    model = make_runner(conformance, dtype="fp16").model  # fp16 is never packed
+    assert model.packed_weights() == [] and model.to(torch.float32).packed_weights()
+    plain = make_runner(conformance, prepack=False).model
+    assert plain.to(torch.float64).to(torch.float32).packed_weights() == []
+
+
 def test_a_converted_model_runs_with_inputs_in_its_dtype(conformance, runner, test_image):
     """``runner.model.to(...)`` after loading: the runner's inputs follow the model's dtype, and
     text, image tokens and score match the fp32 model's (float64 only rounds differently)."""

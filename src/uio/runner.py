@@ -80,6 +80,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 and native_bf16 else torch.float32)
     if prepack and device.type == "cpu" and packed_matmul_supported(dtype):
         model.prepack_decoder()
+    model.keeps_packed = prepack  # also once converted (.to()) to a dtype and device packed there
     model.eval().requires_grad_(False)
     if device.type == "cpu" and StepTraces.available:
         model.enable_step_traces()

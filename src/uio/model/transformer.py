@@ -578,6 +578,7 @@ class UnifiedIO(nn.Module):
         self.step_traces: StepTraces | None = None  # see enable_step_traces
         self.cuda_graphs = False  # record each call's decoding steps as CUDA graphs (see StepGraphs)
         self.packed_output_rows: dict[bool, Tensor] = {}  # is_image -> packed rows; see prepack_decoder
+        self.keeps_packed = False  # (re)pack the decoder whenever .to() lands where packing is supported
 
     def fuse_projections(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         """Fuse each attention's q/k/v and each MLP's input projections into single matmuls.
@@ -601,6 +602,7 @@ class UnifiedIO(nn.Module):
         weights in memory: on the CPU a step is then ~1.4x faster in bf16 and ~1.25x in fp32 (see
         :func:`linear`). Call after :meth:`fuse_projections`; only eager steps use them (compiled
         graphs pack their own)."""
+        self.keeps_packed = True
         pack = WeightPacker()
         for layer in self.decoder.layers:
             layer.self_attention.prepack("qkv", pack)
@@ -610,7 +612,8 @@ class UnifiedIO(nn.Module):
         self.packed_output_rows = {image: pack(table[self.output_rows(image)]) for image in (False, True)}
 
     def drop_packed(self) -> None:
-        """Free the copies made by :meth:`prepack_decoder`."""
+        """Free the copies made by :meth:`prepack_decoder` (conversions no longer make them again)."""
+        self.keeps_packed = False
         self.packed_output_rows = {}
         for module in self.modules():
             if isinstance(module, (Attention, MlpBlock)):
@@ -637,7 +640,7 @@ class UnifiedIO(nn.Module):
         whatever the model had, from its current weights (packing and traces on the CPU only, CUDA
         graphs on a GPU only)."""
         fused = self.decoder.layers[0].mlp.fused_wi is not None
-        packed = bool(self.packed_output_rows)
+        packed = self.keeps_packed  # also through a dtype or device without packing (bf16 here, CUDA)
         recorded = self.step_traces is not None or self.cuda_graphs
         self.drop_packed()
         if fused:
@@ -651,6 +654,7 @@ class UnifiedIO(nn.Module):
         on_cpu = weight.device.type == "cpu"
         if packed and on_cpu and packed_matmul_supported(weight.dtype):
             self.prepack_decoder()
+        self.keeps_packed = packed
         # As the runner builds models: traced steps on the CPU, CUDA graphs on a GPU.
         self.step_traces = StepTraces() if recorded and on_cpu else None
         self.cuda_graphs = recorded and weight.device.type == "cuda"
