@@ -124,6 +124,20 @@ def test_garbage_and_empty_files_are_rejected(tmp_path):
         checkpoint.read_bin(tmp_path / "missing.bin")
 
 
+@pytest.mark.parametrize("leaf, reason", [
+    ([[2], "float99", b"\0" * 8], "unknown dtype 'float99'"),
+    ([[3], "float32", b"\0" * 8], "holds 8 bytes, which does not fit shape \\(3,\\)"),
+    ([[2], "float32"], "not a \\(shape, dtype, data\\) triple"),
+])
+def test_malformed_leaves_are_named_with_the_reason(tmp_path, leaf, reason):
+    import msgpack
+
+    bad = tmp_path / "leaf.bin"
+    bad.write_bytes(msgpack.packb({"decoder": {"scale": msgpack.ExtType(checkpoint.NDARRAY_EXT, msgpack.packb(leaf))}}))
+    with pytest.raises(CheckpointError, match=f"leaf.bin: leaf 'decoder/scale' .*{reason}"):
+        checkpoint.read_bin(bad)
+
+
 def test_trailing_bytes_are_rejected(conformance, tmp_path):
     bad = tmp_path / "trailing.bin"
     shutil.copy(conformance / "tiny" / "tiny.bin", bad)
