@@ -145,6 +145,12 @@ def test_batched_run_equals_single_runs(runner, test_image):
         np.testing.assert_allclose(both["score"][i], single["score"][0], atol=1e-3)
 
 
+def test_object_localization_is_refexp_by_another_name(runner, golden, test_image):
+    """The reference asks both with the same prompt and reads boxes the same way."""
+    expression = golden("runner.json")["refexp"]["args"]["expression"]
+    np.testing.assert_equal(runner.object_localization(test_image, expression), runner.refexp(test_image, expression))
+
+
 def test_sampling_is_deterministic_per_seed(runner, test_image):
     first = runner.depth(test_image)
     second = runner.depth(test_image)
@@ -159,6 +165,13 @@ def test_sampling_is_deterministic_per_seed(runner, test_image):
     (lambda r, im: r.run([im], ["a"], answer_options=["x"], num_decodes=2), "num_decodes"),
     (lambda r, im: r.vqa(None, "what ?"), "needs an HxWx3 image"),
     (lambda r, im: r.segmentation_based_generation([], []), "1 to 16 masks"),
+    (lambda r, im: r.segmentation_based_generation([np.ones((4, 4), bool)], ["a", "b"]), "1 masks but 2 labels"),
+    (lambda r, im: r.segmentation_based_generation([np.ones((4, 4), bool), np.ones((4, 5), bool)], ["a", "b"]),
+     "same height and width"),
+    (lambda r, im: r.run([], []), "at least one input"),
+    (lambda r, im: r.run([im], ["a"], num_decodes=0), "num_decodes must be at least 1"),
+    (lambda r, im: r.run([im], ["a"], mask_regions=[None, None]), "2 mask regions for 1 images"),
+    (lambda r, im: r.run([im], ["a"], answer_options=[1, 2]), "list of strings or a list of HxWx3"),
 ])
 def test_bad_input_raises_clear_errors(runner, test_image, bad_call, message):
     with pytest.raises(ValueError, match=message):
