@@ -456,3 +456,25 @@ def test_bad_segmentation_inputs_raise():
         P.extract_segmentation_masks(np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match="NaN"):
         P.extract_segmentation_masks(np.full((4, 4, 3), np.nan, np.float32))
+
+
+def test_images_and_tokens_in_other_containers_give_the_same_results():
+    """torch tensors, read-only arrays, float16 and images already at the target size are accepted."""
+    import torch
+
+    image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    expected, mask = P.preprocess_image(image)
+    from_tensor, tensor_mask = P.preprocess_image(torch.from_numpy(image))
+    np.testing.assert_array_equal(from_tensor, expected)
+    np.testing.assert_array_equal(tensor_mask, mask)
+    as_float = (image / 255.0).astype(np.float32)
+    read_only = as_float.copy()
+    read_only.flags.writeable = False
+    np.testing.assert_array_equal(P.resize_image(read_only, (60, 80)), P.resize_image(as_float, (60, 80)))
+    half = P.resize_image(as_float.astype(np.float16), (60, 80))
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, P.resize_image(as_float, (60, 80)), atol=1e-3)
+    np.testing.assert_array_equal(P.resize_image(image, (30, 40)), as_float)  # nothing to resize
+    tokens = [P.location_token_id(q) for q in (100, 200, 300, 400)] + [7, 1]
+    boxes = P.tokens_to_regions(tokens, (1000, 1000))
+    np.testing.assert_equal(P.tokens_to_regions(torch.tensor(tokens), (1000, 1000)), boxes)
