@@ -389,6 +389,7 @@ def test_converting_a_model_derives_its_fused_and_traced_forms_again():
     assert_generations_match(wide, before, tolerance=1e-4)
     model.to(torch.float32)
     assert attention.fused_qkv.dtype == torch.float32 and attention.fused_qkv.T.is_contiguous()
+    assert attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
     for got, expected in zip(generations(model, traced=True), before, strict=True):
         assert torch.equal(got, expected)
 
@@ -408,6 +409,30 @@ def test_converting_a_packed_model_packs_it_again_where_it_can():
     assert [w.dtype for w in model.packed_weights()] == [torch.float32] * len(packed)
     mlp, x = model.decoder.layers[0].mlp, torch.randn(1, model.cfg.emb_dim)
     torch.testing.assert_close(transformer.linear(x, mlp.fused_wi, mlp.packed["wi"]), x @ mlp.fused_wi.T)
+
+
+@needs_tracing
+def test_copies_of_a_model_derive_its_packed_and_traced_forms_again():
+    """Packed copies and traces cannot be copied or pickled: a deep copy, or a model saved whole
+    with torch.save and loaded, makes them again from its own weights and decodes exactly as the
+    original does."""
+    import copy
+    import io
+
+    # In fp32's layout for every weight, which copies lay their weights out in (see stores_transposed).
+    model = random_model(packed=packed_matmul_supported(torch.float32)).to(torch.float64).to(torch.float32)
+    model.enable_step_traces()
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    before = generations(model, traced=True)
+    for duplicate in (copy.deepcopy(model), torch.load(saved, weights_only=False)):
+        assert len(duplicate.packed_weights()) == len(model.packed_weights())
+        assert duplicate.step_traces is not None and not duplicate.step_traces.traces
+        attention = duplicate.decoder.layers[0].self_attention
+        assert attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
+        for got, expected in zip(generations(duplicate, traced=True), before, strict=True):
+            assert torch.equal(got, expected)
 
 
 def force_eos(monkeypatch, steps: list[int]) -> list[int]:

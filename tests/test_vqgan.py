@@ -214,3 +214,17 @@ def test_float32_convolutions_on_a_gpu_compute_in_full_float32(monkeypatch, api)
     assert read() == before
     with full_fp32_convolutions(SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)):
         assert read() == before
+
+
+def test_copies_reconstruct_as_the_original(tiny_vqgan, vae):
+    """Deep copies and pickled copies (which leave the prepacked-weight caches behind) compute what
+    the original computes; ``forward`` is encode_to_codes then decode_codes."""
+    import copy
+    import pickle
+
+    images = torch.from_numpy(vae["encode/input"])
+    with torch.no_grad():
+        expected = tiny_vqgan.decode_codes(tiny_vqgan.encode_to_codes(images))
+        torch.testing.assert_close(tiny_vqgan(images), expected, rtol=0, atol=0)
+        for duplicate in (copy.deepcopy(tiny_vqgan), pickle.loads(pickle.dumps(tiny_vqgan))):
+            torch.testing.assert_close(duplicate(images), expected, rtol=0, atol=0)

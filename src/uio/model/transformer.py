@@ -169,7 +169,15 @@ def fuse_weights(linears: list[nn.Linear], device: torch.device | str = "cpu",
     return fused
 
 
-class MlpBlock(nn.Module):
+class HoldsPackedCopies(nn.Module):
+    """A module keeping :func:`pack_weight` copies in ``self.packed``: opaque oneDNN tensors, which
+    cannot be copied or pickled, so its copies start without them (UnifiedIO's pack again)."""
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "packed": {}}
+
+
+class MlpBlock(HoldsPackedCopies):
     """Gated-GELU feed-forward: wo(gelu(wi_0 x) * wi_1 x)."""
 
     def __init__(self, dim: int, hidden: int):
@@ -196,7 +204,7 @@ class MlpBlock(nn.Module):
         return linear(F.gelu(gate, approximate="tanh") * up, self.wo.weight, self.packed.get("wo"))
 
 
-class Attention(nn.Module):
+class Attention(HoldsPackedCopies):
     """Multi-head attention without logit scaling; ``bias`` is added to the logits."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int):
@@ -625,6 +633,19 @@ class UnifiedIO(nn.Module):
                                                                 layer.mlp)]
         return [w for m in modules for w in m.packed.values()] + list(self.packed_output_rows.values())
 
+    def __getstate__(self) -> dict:
+        # Packed copies (opaque tensors), traces and compiled steps cannot be copied or pickled:
+        # copies (copy.deepcopy, pickle, torch.save) derive them again from their own weights.
+        return {**super().__getstate__(), "packed_output_rows": {}, "compiled_step": self.compiled_step is not None,
+                "step_traces": StepTraces() if self.step_traces is not None else None}
+
+    def __setstate__(self, state: dict) -> None:
+        compiled = state.pop("compiled_step")
+        super().__setstate__({**state, "compiled_step": None})
+        self._derive_again()
+        if compiled:
+            self.enable_compile()
+
     def _apply(self, fn, recurse=True):
         # .to(), .half(), .cuda()... convert each parameter on its own: the modules' weights stop
         # being views of the fused matrices, and the packed copies and traced or compiled steps
@@ -643,13 +664,13 @@ class UnifiedIO(nn.Module):
         packed = self.keeps_packed  # also through a dtype or device without packing (bf16 here, CUDA)
         recorded = self.step_traces is not None or self.cuda_graphs
         self.drop_packed()
-        if fused:
-            self.fuse_projections()
         for module in [*self.encoder.modules(), *self.decoder.modules()]:
             weight = module.weight if isinstance(module, nn.Linear) else None
             if weight is not None and not weight.is_meta and not in_stored_layout(weight):
                 relaid = empty_weight(*weight.shape, weight.device, weight.dtype).copy_(weight)
                 module.weight = nn.Parameter(relaid, requires_grad=weight.requires_grad)
+        if fused:  # after laying out: the fused weights' rows are views, which laying out would copy
+            self.fuse_projections()
         weight = self.token_embedder.weight
         on_cpu = weight.device.type == "cpu"
         if packed and on_cpu and packed_matmul_supported(weight.dtype):

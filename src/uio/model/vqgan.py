@@ -58,15 +58,8 @@ class _PackCache:
         self.key = None
         self.value = None
 
-    def __deepcopy__(self, memo):
-        return _PackCache()
-
-    def __getstate__(self):
-        return None
-
-    def __setstate__(self, state):
-        self.key = None
-        self.value = None
+    def __reduce__(self):  # deep copies and unpickled copies start empty
+        return _PackCache, ()
 
 
 def _mkldnn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
