@@ -171,6 +171,14 @@ def test_416_on_overlong_partial_restarts(tmp_path, ckpt_bytes):
     assert [r[2] for r in server.requests] == [416, 200]
 
 
+def test_overlong_partial_of_known_size_restarts_without_asking(tmp_path, ckpt_bytes):
+    (tmp_path / "x.bin.partial").write_bytes(ckpt_bytes + b"junk")
+    with FileServer({"/x.bin": ckpt_bytes}) as server:
+        hub.download(server.url("/x.bin"), tmp_path / "x.bin", len(ckpt_bytes), **FAST)
+    assert (tmp_path / "x.bin").read_bytes() == ckpt_bytes
+    assert server.requests == [("/x.bin", None, 200)]
+
+
 def test_short_file_is_an_error_and_leaves_nothing(tmp_path, ckpt_bytes):
     dest = tmp_path / "x.bin"
     with FileServer({"/x.bin": ckpt_bytes[:-100]}) as server:
