@@ -206,6 +206,12 @@ def test_convert_round_trip_and_bf16(capsys, tmp_path, conformance, model_args, 
     (["seg-generate", "{image}", "--labels", "a", "b"], "1 masks but 2 labels"),
     (["convert", "missing.bin", "out.safetensors"], "no such file"),
     (["nonsense"], "invalid choice"),
+    (["vqa", "{image}", "q", "--device", "tpu9"], "--device tpu9: unknown device"),
+    (["run", "{image}", "p", "--options", "a,b", "--image-output"], "cannot be combined with --image-output"),
+    (["run", "{image}", "p", "--text-len", "1"], "leaves no room for text"),
+    (["run", "{image}", "p", "--text-len", "0"], "expected a positive integer"),
+    (["run", "{image}", "p", "--text-len", "500"], "must be at most 128"),
+    (["convert", "{image}", "out.bin"], "must end in .safetensors"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, image_path, argv, message):
     bad = tmp_path / "bad.png"
