@@ -270,10 +270,11 @@ def pair_valid(query_valid: Tensor, key_valid: Tensor) -> Tensor:
 def masked(bias: Tensor, valid: Tensor) -> Tensor:
     """``bias`` where ``valid``, -1e10 elsewhere (broadcast). The reference adds -1e10 to the bias
     instead; in float32 that rounds to -1e10 for any bias under 512 in magnitude, so both agree,
-    and one pass over the (B, H, Lq, Lk) tensor is cheaper than two. In float16, whose range
-    ends at 65504, -inf instead (what newer torch makes of -1e10 there; older torch raises)."""
-    fill = MASK_VALUE if torch.finfo(bias.dtype).min <= MASK_VALUE else -math.inf
-    return torch.where(valid, bias, fill)
+    and one pass over the (B, H, Lq, Lk) tensor is cheaper than two. float16 ends at -65504, its
+    lowest value is used instead: as -1e10 it gets no weight next to any valid key, and a row with
+    no valid key (a padding query) stays finite (-inf, what newer torch makes of -1e10 there, would
+    make it NaN in some attention kernels; older torch raises)."""
+    return torch.where(valid, bias, max(MASK_VALUE, torch.finfo(bias.dtype).min))
 
 
 def cross_attention_bias(query_valid: Tensor, key_valid: Tensor, dtype: torch.dtype) -> Tensor:
