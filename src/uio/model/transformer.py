@@ -641,7 +641,7 @@ class UnifiedIO(nn.Module):
                 "step_traces": StepTraces() if self.step_traces is not None else None}
 
     def __setstate__(self, state: dict) -> None:
-        compiled = state.pop("compiled_step")
+        compiled = state.pop("compiled_step", False)
         super().__setstate__({**state, "compiled_step": None})
         self._derive_again()
         if compiled:
