@@ -304,3 +304,20 @@ def test_stop_at_eos_gives_the_same_text_in_fewer_steps(runner, test_image, monk
     assert fast["text"] == full["text"] and fast["text_tokens"].shape == full["text_tokens"].shape
     assert (fast["score"] > full["score"]).all()  # the skipped steps' log-probabilities are negative
     np.testing.assert_array_equal(fast_depth["image"], full_depth["image"])
+
+
+def test_concurrent_calls_give_what_calls_in_turn_give(conformance, test_image, recwarn):
+    """One runner serving several threads at once, as a web server would, from its first calls
+    (which make the shared step traces, one at a time, silently): each call returns what it
+    returns alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = make_runner(conformance)
+    questions = ["what is this ?", "what color is the sofa ?", "how many are there ?"] * 2
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda q: runner.vqa(test_image, q)["text"], questions))
+        depths = list(pool.map(lambda _: runner.depth(test_image)["image"], range(2)))
+    assert texts == [runner.vqa(test_image, q)["text"] for q in questions]
+    for depth in depths:
+        np.testing.assert_array_equal(depth, runner.depth(test_image)["image"])
+    assert not [w for w in recwarn if issubclass(w.category, torch.jit.TracerWarning)]

@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -637,8 +638,7 @@ class UnifiedIO(nn.Module):
     def __getstate__(self) -> dict:
         # Packed copies (opaque tensors), traces and compiled steps cannot be copied or pickled:
         # copies (copy.deepcopy, pickle, torch.save) derive them again from their own weights.
-        return {**super().__getstate__(), "packed_output_rows": {}, "compiled_step": self.compiled_step is not None,
-                "step_traces": StepTraces() if self.step_traces is not None else None}
+        return {**super().__getstate__(), "packed_output_rows": {}, "compiled_step": self.compiled_step is not None}
 
     def __setstate__(self, state: dict) -> None:
         compiled = state.pop("compiled_step", False)
@@ -882,6 +882,12 @@ class StepTraces:
     def __init__(self):
         self.traces: dict[tuple, Callable] = {}
         self.failed = False  # tracing raised once: run every step eagerly from then on
+        # One tracing at a time: threads decoding at once would trace the same step twice, and
+        # the warning filters tracing sets (process-wide) would be restored out of order.
+        self._tracing = threading.Lock()
+
+    def __reduce__(self):  # traces cannot be copied: copies start without them
+        return StepTraces, ()
 
     def run(self, model: "UnifiedIO", inputs: tuple, is_image: bool, steps_left: int) -> Tensor:
         """``_decode_step(model, *inputs, is_image)``, replayed from a trace; made into one unless
@@ -895,7 +901,10 @@ class StepTraces:
         if trace is None and (steps_left < MIN_TRACED_STEPS or self.failed):
             return _decode_step(model, *inputs, is_image)
         if trace is None:
-            return self._trace(model, key, args, len(inputs), is_image)
+            with self._tracing:
+                trace = self.traces.get(key)
+                if trace is None:
+                    return self._trace(model, key, args, len(inputs), is_image)
         # Unoptimised execution runs the recorded graph as is (the same kernels, no fusion), and
         # skips the optimising executor's first-run passes (~30 ms) at no cost per step.
         with torch.jit.optimized_execution(False):
