@@ -306,6 +306,15 @@ def test_stop_at_eos_gives_the_same_text_in_fewer_steps(runner, test_image, monk
     np.testing.assert_array_equal(fast_depth["image"], full_depth["image"])
 
 
+def test_devices_this_machine_cannot_use_are_refused_before_loading(conformance):
+    unusable = {"tpu9": "unknown device 'tpu9'", "cuda:99": "CUDA"}
+    if not torch.cuda.is_available():
+        unusable["cuda"] = "needs CUDA, which is not available here"
+    for device, message in unusable.items():
+        with pytest.raises(ValueError, match=message):
+            make_runner(conformance, device=device)
+
+
 def test_concurrent_calls_give_what_calls_in_turn_give(conformance, test_image, recwarn):
     """One runner serving several threads at once, as a web server would, from its first calls
     (which make the shared step traces, one at a time, silently): each call returns what it

@@ -255,14 +255,12 @@ def _check_device(name: str | None) -> None:
     """UsageError for a device torch does not know or cannot use here."""
     if name is None:
         return
-    import torch
+    from .runner import resolve_device
 
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: unknown device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+        resolve_device(name)
+    except ValueError as err:
+        raise UsageError(f"--device: {err}") from None
 
 
 def _check_model(model: str) -> None:

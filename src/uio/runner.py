@@ -53,6 +53,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"``... (None: :func:`default_device`) -> torch device, or a
+    ValueError saying why this machine cannot use it."""
+    try:
+        resolved = torch.device(device or default_device())
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} needs CUDA, which is not available here (torch {torch.__version__})")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
 def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, prepack: bool = True) -> UnifiedIO:
     """Build the network for ``size`` (a size name or config JSON) and load ``param_file`` into it.
@@ -66,8 +80,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     ``model.step_traces = None``), CUDA models from CUDA graphs (:class:`~uio.model.transformer.StepGraphs`;
     ``model.cuda_graphs = False`` turns them off).
     """
+    device = resolve_device(device)
     config, vae_config = load_config(size)
-    device = torch.device(device)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
     model.fuse_projections(device, dtype)  # loading fills the fused matrices: no second copy
@@ -113,9 +127,10 @@ class ModelRunner:
 
     def __init__(self, size: str | os.PathLike, param_file: str | os.PathLike, pad_input_to_max: bool | None = None,
                  max_input_len: int = 64, max_options: int = 800, compiled: bool = False, log_inputs: bool = True,
-                 *, tokenizer: str | os.PathLike | T5Tokenizer | None = None, device: str | None = None,
+                 *, tokenizer: str | os.PathLike | T5Tokenizer | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, seed: int = 0, prepack: bool = True,
                  stop_at_eos: bool = False):
+        device = resolve_device(device)  # before any loading: an unusable device fails at once
         self.max_input_len = max_input_len
         self.pad_to_max = compiled if pad_input_to_max is None else pad_input_to_max
         self.max_options = max_options
@@ -125,7 +140,7 @@ class ModelRunner:
         self.stop_at_eos = stop_at_eos
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
-        self.model = build_model(size, param_file, torch.device(device or default_device()), resolve_dtype(dtype),
+        self.model = build_model(size, param_file, device, resolve_dtype(dtype),
                                  prepack=prepack and not compiled)
         if compiled:
             self.model.enable_compile()
