@@ -306,13 +306,15 @@ def test_stop_at_eos_gives_the_same_text_in_fewer_steps(runner, test_image, monk
     np.testing.assert_array_equal(fast_depth["image"], full_depth["image"])
 
 
-def test_devices_this_machine_cannot_use_are_refused_before_loading(conformance):
-    unusable = {"tpu9": "unknown device 'tpu9'", "cuda:99": "CUDA"}
+def test_bad_runner_arguments_are_refused_before_loading(conformance):
+    bad = [({"device": "tpu9"}, "unknown device 'tpu9'"), ({"device": "cuda:99"}, "CUDA"),
+           ({"dtype": torch.int8}, "floating-point"), ({"dtype": "int8"}, "unknown dtype"),
+           ({"max_input_len": 0}, "at least 1"), ({"max_options": 0}, "at least 1")]
     if not torch.cuda.is_available():
-        unusable["cuda"] = "needs CUDA, which is not available here"
-    for device, message in unusable.items():
+        bad.append(({"device": "cuda"}, "needs CUDA, which is not available here"))
+    for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
-            make_runner(conformance, device=device)
+            make_runner(conformance, **kwargs)
 
 
 def test_concurrent_calls_give_what_calls_in_turn_give(conformance, test_image, recwarn):

@@ -35,7 +35,9 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype; None means fp32) -> torch dtype."""
+    """``"fp32"``/``"bf16"``/``"fp16"`` (or a floating-point torch dtype; None means fp32) -> torch dtype."""
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype or torch.float32
     if dtype not in DTYPES:
@@ -130,7 +132,10 @@ class ModelRunner:
                  *, tokenizer: str | os.PathLike | T5Tokenizer | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, seed: int = 0, prepack: bool = True,
                  stop_at_eos: bool = False):
-        device = resolve_device(device)  # before any loading: an unusable device fails at once
+        # Before any loading: bad arguments fail at once.
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        if max_input_len < 1 or max_options < 1:
+            raise ValueError(f"max_input_len and max_options must be at least 1, got {max_input_len} and {max_options}")
         self.max_input_len = max_input_len
         self.pad_to_max = compiled if pad_input_to_max is None else pad_input_to_max
         self.max_options = max_options
@@ -140,7 +145,7 @@ class ModelRunner:
         self.stop_at_eos = stop_at_eos
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
-        self.model = build_model(size, param_file, device, resolve_dtype(dtype),
+        self.model = build_model(size, param_file, device, dtype,
                                  prepack=prepack and not compiled)
         if compiled:
             self.model.enable_compile()
