@@ -145,8 +145,7 @@ class ModelRunner:
         self.stop_at_eos = stop_at_eos
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
-        self.model = build_model(size, param_file, device, dtype,
-                                 prepack=prepack and not compiled)
+        self.model = build_model(size, param_file, device, dtype, prepack=prepack and not compiled)
         if compiled:
             self.model.enable_compile()
 

@@ -626,7 +626,7 @@ class UnifiedIO(nn.Module):
         self.keeps_packed = False
         self.packed_output_rows = {}
         for module in self.modules():
-            if isinstance(module, (Attention, MlpBlock)):
+            if isinstance(module, HoldsPackedCopies):
                 module.packed = {}
 
     def packed_weights(self) -> list[Tensor]:
