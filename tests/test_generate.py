@@ -170,6 +170,17 @@ def generations(model, traced: bool) -> list[torch.Tensor]:
     return outputs
 
 
+def assert_generations_equal(got: list, expected: list) -> None:
+    """Bit-identical token ids and scores."""
+    for tensor, reference in zip(got, expected, strict=True):
+        assert torch.equal(tensor, reference)
+
+
+def views_fused_qkv(attention) -> bool:
+    """Whether the attention's projections are still views of its fused q/k/v matrix."""
+    return attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
+
+
 def assert_generations_match(got: list, expected: list, tolerance: float) -> None:
     """Token ids equal, scores within ``tolerance`` (relative and absolute) of ``expected``'s."""
     for tensor, reference in zip(got, expected, strict=True):
@@ -191,8 +202,7 @@ def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed):
     model = random_model(dtype, packed)
     eager = generations(model, traced=False)
     traced = generations(model, traced=True)
-    for got, expected in zip(traced, eager, strict=True):
-        assert torch.equal(got, expected)
+    assert_generations_equal(traced, eager)
     # One trace per step kind, decoded rows and examples they belong to: prompt lengths share them.
     kinds = [(1, 1), (2, 1), (2, 2), (4, 2)]  # (rows, examples)
     assert sorted(key[:3] for key in model.step_traces.traces) == [(image, *kind) for image in (False, True)
@@ -238,8 +248,7 @@ def test_a_failed_trace_falls_back_to_eager_steps(monkeypatch, caplog):
 
     monkeypatch.setattr(torch.jit, "trace", failing_trace)
     traced = generations(model, traced=True)
-    for got, expected in zip(traced, eager, strict=True):
-        assert torch.equal(got, expected)
+    assert_generations_equal(traced, eager)
     assert model.step_traces.failed and not model.step_traces.traces
     assert "tracing a decoding step failed (RuntimeError: unsupported operation)" in caplog.text
 
@@ -271,8 +280,7 @@ def test_graphed_steps_decode_exactly_what_eager_steps_decode(monkeypatch):
     monkeypatch.setattr(StepGraphs, "record", staticmethod(traced_recording(replays)))
     model.cuda_graphs = True
     graphed = generations(model, traced=False)
-    for got, expected in zip(graphed, eager, strict=True):
-        assert torch.equal(got, expected)
+    assert_generations_equal(graphed, eager)
     assert len(replays) == 12 * (8 + 9)  # 12 calls of 8 text and 9 image steps: every step replayed
 
 
@@ -319,8 +327,7 @@ def test_a_failed_graph_recording_falls_back_to_eager_steps(monkeypatch, caplog)
 
     monkeypatch.setattr(StepGraphs, "record", staticmethod(failing_record))
     model.cuda_graphs = True
-    for got, expected in zip(generations(model, traced=False), eager, strict=True):
-        assert torch.equal(got, expected)
+    assert_generations_equal(generations(model, traced=False), eager)
     assert not model.cuda_graphs
     assert caplog.text.count("recording a decoding step as a CUDA graph failed (RuntimeError: operation not") == 1
 
@@ -382,16 +389,15 @@ def test_converting_a_model_derives_its_fused_and_traced_forms_again():
     assert model.to(torch.float64) is model
     attention = model.decoder.layers[0].self_attention
     assert attention.fused_qkv.dtype == torch.float64 and attention.fused_qkv.is_contiguous()
-    assert attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
+    assert views_fused_qkv(attention)
     assert not model.step_traces.traces  # the float32 traces held the float32 weights
     model.step_traces = None
     wide = generations(model, traced=False)
     assert_generations_match(wide, before, tolerance=1e-4)
     model.to(torch.float32)
     assert attention.fused_qkv.dtype == torch.float32 and attention.fused_qkv.T.is_contiguous()
-    assert attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
-    for got, expected in zip(generations(model, traced=True), before, strict=True):
-        assert torch.equal(got, expected)
+    assert views_fused_qkv(attention)
+    assert_generations_equal(generations(model, traced=True), before)
 
 
 def test_converting_a_packed_model_packs_it_again_where_it_can():
@@ -430,9 +436,8 @@ def test_copies_of_a_model_derive_its_packed_and_traced_forms_again():
         assert len(duplicate.packed_weights()) == len(model.packed_weights())
         assert duplicate.step_traces is not None and not duplicate.step_traces.traces
         attention = duplicate.decoder.layers[0].self_attention
-        assert attention.key.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
-        for got, expected in zip(generations(duplicate, traced=True), before, strict=True):
-            assert torch.equal(got, expected)
+        assert views_fused_qkv(attention)
+        assert_generations_equal(generations(duplicate, traced=True), before)
 
 
 def force_eos(monkeypatch, steps: list[int]) -> list[int]:
