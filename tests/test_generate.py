@@ -282,20 +282,48 @@ def test_graphed_steps_decode_exactly_what_eager_steps_decode(monkeypatch):
     graphed = generations(model, traced=False)
     assert_generations_equal(graphed, eager)
     assert len(replays) == 12 * (8 + 9)  # 12 calls of 8 text and 9 image steps: every step replayed
+    assert_generations_equal(generations(model, traced=False), eager)  # on kept caches and graphs too
 
 
 @needs_tracing
-def test_graphs_are_recorded_per_call_and_step_kind_with_enough_steps_left(monkeypatch):
-    replays, caches = [], []
-    monkeypatch.setattr(StepGraphs, "record", staticmethod(traced_recording(replays)))
-    monkeypatch.setattr(generate, "DecoderCache", lambda *args: caches.append(DecoderCache(*args)) or caches[-1])
+def test_graphs_are_kept_for_later_calls_of_the_same_shapes(monkeypatch):
+    replays, recorded = [], []
+    record = traced_recording(replays)
+    monkeypatch.setattr(StepGraphs, "record", staticmethod(lambda run: recorded.append(1) or record(run)))
+    model = random_model()
+    eager = [generate.beam_search(model, random_encoding(model, 1, length), 3, 4, num_beams=2) for length in (5, 6)]
+    model.cuda_graphs = True
+    kept = model.graphed_caches
+    first = generate.beam_search(model, random_encoding(model, 1, 5), 3, 4, num_beams=2)
+    assert len(recorded) == 1 and len(replays) == 4  # 3 text steps: too few to pay for recording them
+    again = generate.beam_search(model, random_encoding(model, 1, 5), 3, 4, num_beams=2)
+    assert len(recorded) == 2 and len(replays) == 4 + 7  # the image graph replayed; now worth recording text
+    other = generate.beam_search(model, random_encoding(model, 1, 6), 3, 4, num_beams=2)  # another encoder length
+    assert len(recorded) == 3 and len(kept) == 2
+    for got, expected in zip([first, again, other], [eager[0], eager[0], eager[1]]):
+        assert_generations_equal([got.tokens, got.scores], [expected.tokens, expected.scores])
+    mlp = model.decoder.layers[0].mlp
+    mlp.wo.weight = torch.nn.Parameter(mlp.wo.weight.clone(), requires_grad=False)
+    generate.beam_search(model, random_encoding(model, 1, 5), 3, 4, num_beams=2)
+    assert len(recorded) == 4  # graphs read the weights where they were: a replaced weight records anew
+    for length in range(7, 7 + transformer.MAX_IDLE_GRAPHED_CACHES):
+        generate.beam_search(model, random_encoding(model, 1, length), 3, 4, num_beams=2)
+    assert len(kept) == transformer.MAX_IDLE_GRAPHED_CACHES
+    model.to(torch.float64)
+    assert len(model.graphed_caches) == 0
+
+
+@needs_tracing
+def test_a_generation_takes_a_kept_cache_only_when_no_other_holds_it():
     model = random_model()
     model.cuda_graphs = True
     enc = random_encoding(model, 1, 5)
-    generate.beam_search(model, enc, 3, 4, num_beams=2)  # 3 text steps: too few to record
-    assert sorted(caches[-1].graphs.graphs) == [True] and len(replays) == 4
-    generate.beam_search(model, enc, 4, 3, num_beams=2)  # the next call records its own graphs
-    assert sorted(caches[-1].graphs.graphs) == [False] and len(replays) == 4 + 4
+    first, second = (model.graphed_caches.take(model, enc, 8, 0) for _ in range(2))
+    assert first is not second  # both in use at once
+    first.graphs.graphs[False] = "recorded"  # only caches with graphs are kept
+    model.graphed_caches.put_back(first)
+    assert model.graphed_caches.take(model, enc, 8, 0) is first
+    assert model.graphed_caches.take(model, enc, 8, 0) is not first
 
 
 @needs_tracing
@@ -348,9 +376,11 @@ def test_cuda_graphs_decode_what_eager_cuda_steps_decode(dtype):
     model.to("cuda")  # a traced CPU model records CUDA graphs once on a GPU
     assert model.cuda_graphs and model.step_traces is None
     graphed = generations(model, traced=False)
+    again = generations(model, traced=False)  # on the caches and graphs kept from the first calls
     model.cuda_graphs = False
     eager = generations(model, traced=False)
-    assert_generations_match(graphed, eager, tolerance=1e-5)
+    for got in (graphed, again):
+        assert_generations_match(got, eager, tolerance=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

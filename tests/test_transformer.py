@@ -10,8 +10,12 @@ import torch
 
 from uio.model.embedding import Embedding
 from uio.model.transformer import (MASK_VALUE, Attention, EncoderOutput, MlpBlock, RelativePositionBiases, RMSNorm,
-                                   WeightPacker, image_relative_bucket, linear, pack_weight, packed_matmul_supported,
-                                   text_relative_bucket)
+                                   WeightPacker, attention, image_relative_bucket, linear, pack_weight,
+                                   packed_matmul_supported, text_relative_bucket)
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+DEVICES = ["cpu", CUDA]
 
 
 def t(array) -> torch.Tensor:
@@ -232,21 +236,34 @@ def test_bf16_matmuls_of_many_rows_run_in_fp32_where_bf16_is_emulated(monkeypatc
     assert seen == [torch.bfloat16, many_rows, many_rows]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [4, 300])  # a decoding step's size (one-kernel path), an encoder's (plain path)
-def test_rms_norm_computes_torchs_rms_norm_in_float32(rows, dtype):
+def test_rms_norm_computes_torchs_rms_norm_in_float32(rows, dtype, device):
     torch.manual_seed(0)
     norm = RMSNorm(512)
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
-    norm = norm.to(dtype)
-    x = (torch.randn(2, rows, 512) * 3).to(dtype)
+    norm = norm.to(device, dtype)
+    x = (torch.randn(2, rows, 512) * 3).to(device, dtype)
     expected = torch.nn.functional.rms_norm(x.float(), (512,), norm.weight.float(), 1e-6).to(dtype)
     got = norm(x)
     assert got.dtype == dtype
-    if rows > 100:  # the same arithmetic as torch's: identical results
+    if rows > 100 and device == "cpu":  # the same arithmetic as torch's: identical results
         assert torch.equal(got, expected)
     else:
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("query_rows", [1, 8, 64])  # a decoding step's, a step's 8 shared rows, teacher forcing's
+def test_attention_is_softmax_of_biased_logits(query_rows, device):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, length, 64, generator=generator) for length in (query_rows, 300, 300))
+    bias = torch.randn(2, 6, query_rows, 300, generator=generator)
+    bias[..., 250:] = MASK_VALUE
+    expected = (q.double() @ k.double().transpose(-1, -2) + bias.double()).softmax(-1) @ v.double()
+    got = attention(*(x.to(device) for x in (q, k, v, bias)))
+    torch.testing.assert_close(got.cpu(), expected.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_position_buckets_cached_in_inference_mode_work_under_autograd():

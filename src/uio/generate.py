@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model.transformer import DecoderCache, EncoderOutput, UnifiedIO, decode_step, logits_from_hidden
+from .model.transformer import EncoderOutput, UnifiedIO, decode_step, logits_from_hidden
 
 BOS, EOS = 0, 1
 BEAM_NEG_INF = -1.0e7  # the reference's NEG_INF for dead beams and filtered logits
@@ -41,8 +41,12 @@ class _Decoder:
     def __init__(self, model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int,
                  rows_per_example: int):
         self.model, self.text_length = model, text_length
-        self.cache = DecoderCache(model, enc, text_length, image_length, rows_per_example)
+        self.cache = model.graphed_caches.take(model, enc, text_length, image_length, rows_per_example)
         self.start_token = model.cfg.vocab_size - 1
+
+    def release(self) -> None:
+        """Done decoding: the model may keep the cache for a later generation of the same shapes."""
+        self.model.graphed_caches.put_back(self.cache)
 
     def logits(self, sequences: Tensor, step: int) -> tuple[Tensor, int]:
         """Logits for the next token of each row of ``sequences`` (N, length+1) at ``step``.
@@ -92,6 +96,7 @@ def beam_search(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_le
         sequences[:, step + 1] = (top_index % vocab).view(-1) + offset
         if stop_at_eos and _all_ended(sequences, step, text_length):
             break
+    decoder.release()
     return Generation(sequences[:, 1:].view(batch, num_beams, length), beam_scores)
 
 
@@ -140,6 +145,7 @@ def sample(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length:
         sequences[:, step + 1] = token + offset
         if stop_at_eos and _all_ended(sequences, step, text_length):
             break
+    decoder.release()
     scores = scores.view(batch, num_samples)
     order = scores.argsort(dim=1)
     tokens = sequences[:, 1:].view(batch, num_samples, length).gather(1, order[..., None].expand(-1, -1, length))

@@ -13,6 +13,7 @@ import math
 import sys
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -29,6 +30,9 @@ MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
 TEXT_BUCKETS, TEXT_MAX_DISTANCE = 32, 128
 IMAGE_BUCKETS, IMAGE_MAX_DISTANCE = 8, 20
 DECODER_IMAGE_WIDTH = 16  # the decoder's 256 image tokens form a 16x16 grid
+# Whether F.rms_norm is one kernel on GPUs (torch 2.11 yes, 2.7 no: there, several in the input's dtype).
+FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
+FEW_QUERY_ROWS = 16  # attention over at most this many query rows is a decoding step's (see attention)
 SMALL_NORM_ELEMENTS = 1 << 16  # up to this size RMSNorm uses layer_norm's single CPU kernel
 PACKED_MAX_ROWS = 64  # prepacked weights serve decoding steps; larger inputs use the plain matmul
 # The number of input rows packed weights are blocked for: with 16, oneDNN's blocking streams an
@@ -40,6 +44,7 @@ EMULATED_BF16_MAX_ROWS = 6
 MAX_STEP_TRACES = 64  # step shapes kept traced (see StepTraces); a few recur in practice
 MIN_TRACED_STEPS = 8  # making a trace takes about as long as 8 steps: fewer steps left run eagerly
 MIN_GRAPHED_STEPS = 4  # recording a CUDA graph runs the step twice: fewer steps left run eagerly
+MAX_IDLE_GRAPHED_CACHES = 4  # decoder caches kept with their CUDA graphs for later calls (see GraphedCaches)
 
 
 class RMSNorm(nn.Module):
@@ -51,9 +56,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        compiling, on_gpu = torch.compiler.is_compiling(), x.device.type != "cpu"
+        if on_gpu and not compiling and FUSED_RMS_NORM:
+            # The fused GPU kernel computes in float32 from half-precision inputs and weights: one
+            # kernel instead of three conversions around it (a third of a bf16 step's kernels).
+            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
         x32, weight = x.float(), self.weight.float()
         dim = x.shape[-1]
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if on_gpu or compiling:
             return F.rms_norm(x32, weight.shape, weight, self.eps).to(x.dtype)
         if x.numel() > SMALL_NORM_ELEMENTS:
             # F.rms_norm's arithmetic (identical results), but torch's CPU kernel allocates more
@@ -255,12 +265,22 @@ class Attention(HoldsPackedCopies):
             q = q.unflatten(0, (-1, sharing)).transpose(1, 2).flatten(2, 3)
             if bias.shape[0] == rows:  # a bias per query row (else one per key row, or for all)
                 bias = bias.expand(-1, -1, length, -1).unflatten(0, (-1, sharing)).transpose(1, 2).flatten(2, 3)
-        # Also for one decoding step's query: compiled, the fused kernel streams the cached keys
-        # and values faster than the mul+sum loops inductor generates for a one-row matmul.
         # Keys/values may be kept in a wider dtype than q (see step_attention_dtype).
-        x = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias, scale=1.0).to(q.dtype)
+        x = attention(q.to(k.dtype), k, v, bias).to(q.dtype)
         x = x.transpose(1, 2).flatten(2).reshape(rows, length, -1)
         return linear(x, self.out.weight, self.packed.get("out"))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T + bias) v, unscaled, for q (B, H, Lq, D) and k/v (B, H, Lk, D).
+
+    On a GPU in float32, the fused kernel torch picks (memory-efficient attention) runs a decoding
+    step's few query rows on one block per head: ~47 us a call on an H200, two thirds of a step,
+    where these four kernels take a few us each. Elsewhere the fused kernel is faster, also for
+    one query row on the CPU when compiled (inductor makes mul+sum loops of a one-row matmul)."""
+    if q.device.type == "cuda" and q.dtype == torch.float32 and q.shape[2] <= FEW_QUERY_ROWS:
+        return torch.matmul(q, k.transpose(-1, -2)).add_(bias).softmax(dim=-1).matmul(v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
 def pair_valid(query_valid: Tensor, key_valid: Tensor) -> Tensor:
@@ -589,6 +609,7 @@ class UnifiedIO(nn.Module):
         self.cuda_graphs = False  # record each call's decoding steps as CUDA graphs (see StepGraphs)
         self.packed_output_rows: dict[bool, Tensor] = {}  # is_image -> packed rows; see prepack_decoder
         self.keeps_packed = False  # (re)pack the decoder whenever .to() lands where packing is supported
+        self.graphed_caches = GraphedCaches()  # decoder caches kept with their CUDA graphs
 
     def fuse_projections(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         """Fuse each attention's q/k/v and each MLP's input projections into single matmuls.
@@ -629,6 +650,12 @@ class UnifiedIO(nn.Module):
             if isinstance(module, HoldsPackedCopies):
                 module.packed = {}
 
+    def step_weights(self) -> list[Tensor]:
+        """Every weight tensor a decoding step reads (the fused matrices too)."""
+        fused = [m.fused_qkv if isinstance(m, Attention) else m.fused_wi for m in self.decoder.modules()
+                 if isinstance(m, (Attention, MlpBlock))]
+        return [self.token_embedder.weight, *self.decoder.parameters(), *(t for t in fused if t is not None)]
+
     def packed_weights(self) -> list[Tensor]:
         """Every copy made by :meth:`prepack_decoder`, in a fixed order (empty without them)."""
         modules = [m for layer in self.decoder.layers for m in (layer.self_attention, layer.encoder_decoder_attention,
@@ -665,6 +692,7 @@ class UnifiedIO(nn.Module):
         packed = self.keeps_packed  # also through a dtype or device without packing (bf16 here, CUDA)
         recorded = self.step_traces is not None or self.cuda_graphs
         self.drop_packed()
+        self.graphed_caches.clear()  # on the old device or dtype
         for module in [*self.encoder.modules(), *self.decoder.modules()]:
             weight = module.weight if isinstance(module, nn.Linear) else None
             if weight is not None and not weight.is_meta and not in_stored_layout(weight):
@@ -784,7 +812,8 @@ class DecoderCache:
     """Preallocated state for incremental decoding of ``N`` sequences of ``T`` text + ``I`` image steps,
     ``rows_per_example`` consecutive ones per encoded example (its beams or samples). With
     ``model.cuda_graphs``, its steps replay CUDA graphs (:class:`StepGraphs`) recorded on its tensors,
-    which therefore keep their addresses for its whole life (:meth:`reorder` works in place).
+    which therefore keep their addresses for its whole life (:meth:`reorder` and :meth:`refill` work
+    in place; :class:`GraphedCaches` keeps such caches for later generations of the same shapes).
 
     Holds each layer's self-attention keys/values, the cross-attention keys/values projected once,
     the position-bias table for the whole output (those three in :func:`step_attention_dtype`),
@@ -797,18 +826,36 @@ class DecoderCache:
                  rows_per_example: int = 1):
         cfg, dec = model.cfg, model.decoder
         n, device, dtype = enc.hidden.shape[0] * rows_per_example, enc.hidden.device, step_attention_dtype(enc.hidden)
-        self.text_length, self.length = text_length, text_length + image_length
+        self.text_length, self.image_length, self.length = text_length, image_length, text_length + image_length
         shape = (n, cfg.num_heads, self.length, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
         self.key_valid = torch.zeros(n, self.length, dtype=torch.bool, device=device)
-        # One per example, shared by its rows; a wider dtype holds the values exactly.
-        self.cross_kv = [[t.to(dtype) for t in kv] for kv in dec.cross_kv(enc.hidden)]
-        self.cross_bias = cross_attention_bias(torch.ones_like(enc.mask[:, :1]), enc.mask, dtype)
-        self.self_bias = dec.self_bias(text_length, image_length, device).to(dtype)
+        self.cross_kv, self.cross_bias, self.self_bias = self._encoding_state(model, enc)
         self.positions = dec.position_ids(text_length, image_length, device)
         self.step_index = torch.arange(self.length, device=device)
         self.graphs = StepGraphs() if model.cuda_graphs else None
+
+    def _encoding_state(self, model: "UnifiedIO", enc: EncoderOutput) -> tuple[list, Tensor, Tensor]:
+        """(cross-attention keys/values, cross-attention bias, self-attention bias) for ``enc``."""
+        dtype, device = step_attention_dtype(enc.hidden), enc.hidden.device
+        # One per example, shared by its rows; a wider dtype holds the values exactly.
+        cross_kv = [[t.to(dtype) for t in kv] for kv in model.decoder.cross_kv(enc.hidden)]
+        cross_bias = cross_attention_bias(torch.ones_like(enc.mask[:, :1]), enc.mask, dtype)
+        return cross_kv, cross_bias, model.decoder.self_bias(self.text_length, self.image_length, device).to(dtype)
+
+    def refill(self, model: "UnifiedIO", enc: EncoderOutput) -> None:
+        """Start a new generation for ``enc`` (of the shapes this cache was made for) in place:
+        recorded graphs read these tensors where they are. Keys left from the last generation
+        stay masked until overwritten (a masked logit is -1e10 whatever the key)."""
+        cross_kv, cross_bias, self_bias = self._encoding_state(model, enc)
+        for old, new in zip([t for kv in self.cross_kv for t in kv], [t for kv in cross_kv for t in kv]):
+            old.copy_(new)
+        self.cross_bias.copy_(cross_bias)
+        self.self_bias.copy_(self_bias)
+        self.key_valid.zero_()
+        if self.graphs is not None:  # a generation of these shapes again: worth recording any step kind
+            self.graphs.min_steps = 1
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` (beam search); cross-attention state is shared by an example's beams."""
@@ -819,6 +866,57 @@ class DecoderCache:
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
         self.key_valid = self.key_valid.index_select(0, index)
+
+
+class GraphedCaches:
+    """Decoder caches whose steps are recorded as CUDA graphs, kept from one generation to the next
+    of the same shapes (batch, rows per example, encoder length, output lengths, dtype), which then
+    replays them from its first step instead of recording its own (recording costs about two
+    eager steps, each ~20 times a replay). At most ``MAX_IDLE_GRAPHED_CACHES`` are kept, the most
+    recently used; a call that finds the cache of its shapes in use by another thread makes its own.
+    Graphs read the weights where they are: caches are kept per set of weight tensors (replacing a
+    weight starts new ones), and in-place updates of the weights are seen."""
+
+    def __init__(self):
+        self._idle: OrderedDict[tuple, DecoderCache] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __reduce__(self):  # graphs cannot be copied: copies start without them
+        return GraphedCaches, ()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int,
+             rows_per_example: int = 1) -> DecoderCache:
+        """A cache for this generation: a kept one of its shapes (refilled for ``enc``), or a new one."""
+        if not model.cuda_graphs:
+            return DecoderCache(model, enc, text_length, image_length, rows_per_example)
+        key = (tuple(enc.hidden.shape), enc.hidden.dtype, enc.hidden.device, text_length, image_length,
+               rows_per_example, model.compiled_step, *(t.data_ptr() for t in model.step_weights()))
+        with self._lock:
+            cache = self._idle.pop(key, None)
+        if cache is None:
+            cache = DecoderCache(model, enc, text_length, image_length, rows_per_example)
+        else:
+            cache.refill(model, enc)
+        cache.pool_key = key
+        return cache
+
+    def put_back(self, cache: DecoderCache) -> None:
+        """Keep ``cache`` (from :meth:`take`) for the next generation of its shapes, if it has graphs."""
+        if cache.graphs is None or not cache.graphs.graphs:
+            return
+        with self._lock:
+            self._idle[cache.pool_key] = cache
+            self._idle.move_to_end(cache.pool_key)
+            while len(self._idle) > MAX_IDLE_GRAPHED_CACHES:
+                self._idle.popitem(last=False)
+
+    def clear(self) -> None:
+        """Free every kept cache and its graphs."""
+        with self._lock:
+            self._idle.clear()
 
 
 def decode_step(model: "UnifiedIO", cache: DecoderCache, tokens: Tensor, step: int, valid: Tensor) -> Tensor:
@@ -959,26 +1057,29 @@ class StepGraphs:
     """CUDA graphs of :func:`_decode_step` (or of the model's compiled step) for one
     :class:`DecoderCache`, replayed in place of running it.
 
-    On a GPU, a step of a small model is ~600 kernels (fewer, fused, when compiled) that each take
-    less time to run than to launch from Python; a graph launches them all at once. A graph
+    On a GPU, a step of ``small`` is 160-210 kernels (fewer, fused, when compiled) that each take
+    less time to run than to launch from Python (an eager step took 4-7 ms on an H200 machine, a
+    replay 0.5-0.6 ms); a graph launches them all at once. A graph
     replays the recorded kernels on the recorded tensors: the cache's (which keep their addresses)
     and buffers for the inputs that change from step to step (step index, tokens, key validity),
     copied in before each replay. The step's Python code may branch only on what
     :class:`StepTraces` keys on, which is fixed for a cache but for the step kind: one graph per
-    step kind, recorded on its first step when at least ``MIN_GRAPHED_STEPS`` steps of that kind
-    are left. If recording fails, steps run eagerly and ``model.cuda_graphs`` is turned off.
+    step kind, recorded on its first step when at least ``min_steps`` steps of that kind are left
+    (any step once the cache is reused, see :class:`GraphedCaches`). If recording fails, steps run
+    eagerly and ``model.cuda_graphs`` is turned off.
     """
 
     record = staticmethod(record_cuda_graph)  # tests substitute a CPU stand-in
 
     def __init__(self):
         self.graphs: dict[bool, tuple[tuple[Tensor, ...], Callable[[], None], Tensor]] = {}
+        self.min_steps = MIN_GRAPHED_STEPS  # 1 once the graphs are reused (GraphedCaches): record any step
 
     def run(self, model: "UnifiedIO", inputs: tuple, is_image: bool, steps_left: int) -> Tensor:
         """``_decode_step(model, *inputs, is_image)``, replayed from a graph (recorded first if need be)."""
         step = model.compiled_step or _decode_step
         graph = self.graphs.get(is_image)
-        if graph is None and steps_left >= MIN_GRAPHED_STEPS and model.cuda_graphs:
+        if graph is None and steps_left >= self.min_steps and model.cuda_graphs:
             graph = self._record(step, model, inputs, is_image)
         if graph is None:
             return step(model, *inputs, is_image)
