@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, as one run: the test suite's CUDA cases (the conformance goldens on
-# the GPU, CUDA graphs against eager steps, bf16, compiled) and the benchmark on the GPU.
+# the GPU, CUDA graphs against eager steps, bf16, compiled), the benchmark on the GPU and a
+# decoding step's kernels (profile_step.py). About 4 minutes on an H200.
 #
 #   bash benchmarks/gpu_check.sh [CONFORMANCE_DIR] [BENCH_MODES...]
 #
@@ -20,10 +21,14 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 UIO_C
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
 echo "== CUDA tests"
-timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -k cuda tests/test_runner.py tests/test_generate.py
+timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -k cuda tests/test_transformer.py tests/test_runner.py \
+    tests/test_generate.py
 tests=$?
 echo "== benchmark"
 timeout 300 python3 benchmarks/bench.py --device cuda --no-load --batches 1 8 --modes ${modes[*]}
 bench=$?
-echo "== tests rc $tests, benchmark rc $bench"
-exit $(( tests || bench ))
+echo "== a step's kernels"
+(cd benchmarks && timeout 120 python3 profile_step.py)
+profile=$?
+echo "== tests rc $tests, benchmark rc $bench, profile rc $profile"
+exit $(( tests || bench || profile ))
