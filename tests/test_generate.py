@@ -327,6 +327,21 @@ def test_a_generation_takes_a_kept_cache_only_when_no_other_holds_it():
 
 
 @needs_tracing
+def test_kept_graphed_caches_stay_within_their_memory_bound(monkeypatch):
+    model = random_model()
+    model.cuda_graphs = True
+    kept = model.graphed_caches
+    caches = [kept.take(model, random_encoding(model, 1, length), 8, 0) for length in (5, 6, 7)]
+    for cache in caches:
+        cache.graphs.graphs[False] = "recorded"
+    monkeypatch.setattr(transformer, "MAX_IDLE_GRAPHED_BYTES", caches[0].nbytes() + caches[1].nbytes())
+    for cache in caches:
+        kept.put_back(cache)
+    assert len(kept) == 1 and kept.nbytes() == caches[2].nbytes()  # the most recent; two would not fit
+    assert caches[0].nbytes() < caches[1].nbytes() < caches[2].nbytes()  # longer prompts, more cross keys
+
+
+@needs_tracing
 def test_graphs_of_a_compiled_model_record_its_compiled_step(monkeypatch):
     replays, compiled_calls = [], []
     monkeypatch.setattr(StepGraphs, "record", staticmethod(traced_recording(replays)))

@@ -44,7 +44,9 @@ EMULATED_BF16_MAX_ROWS = 6
 MAX_STEP_TRACES = 64  # step shapes kept traced (see StepTraces); a few recur in practice
 MIN_TRACED_STEPS = 8  # making a trace takes about as long as 8 steps: fewer steps left run eagerly
 MIN_GRAPHED_STEPS = 4  # recording a CUDA graph runs the step twice: fewer steps left run eagerly
-MAX_IDLE_GRAPHED_CACHES = 4  # decoder caches kept with their CUDA graphs for later calls (see GraphedCaches)
+# Decoder caches kept with their CUDA graphs for later calls (see GraphedCaches): how many, how much memory.
+MAX_IDLE_GRAPHED_CACHES = 4
+MAX_IDLE_GRAPHED_BYTES = 2 << 30
 
 
 class RMSNorm(nn.Module):
@@ -844,6 +846,12 @@ class DecoderCache:
         cross_bias = cross_attention_bias(torch.ones_like(enc.mask[:, :1]), enc.mask, dtype)
         return cross_kv, cross_bias, model.decoder.self_bias(self.text_length, self.image_length, device).to(dtype)
 
+    def nbytes(self) -> int:
+        """Memory held by the cache's tensors."""
+        tensors = [*self.keys, *self.values, self.key_valid, *(t for kv in self.cross_kv for t in kv),
+                   self.cross_bias, self.self_bias, self.positions, self.step_index]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def refill(self, model: "UnifiedIO", enc: EncoderOutput) -> None:
         """Start a new generation for ``enc`` (of the shapes this cache was made for) in place:
         recorded graphs read these tensors where they are. Keys left from the last generation
@@ -872,8 +880,9 @@ class GraphedCaches:
     """Decoder caches whose steps are recorded as CUDA graphs, kept from one generation to the next
     of the same shapes (batch, rows per example, encoder length, output lengths, dtype), which then
     replays them from its first step instead of recording its own (recording costs about two
-    eager steps, each ~20 times a replay). At most ``MAX_IDLE_GRAPHED_CACHES`` are kept, the most
-    recently used; a call that finds the cache of its shapes in use by another thread makes its own.
+    eager steps, each ~10 times a replay). The most recently used are kept, at most
+    ``MAX_IDLE_GRAPHED_CACHES`` of them and ``MAX_IDLE_GRAPHED_BYTES`` of their tensors together; a
+    call that finds the cache of its shapes in use by another thread makes its own.
     Graphs read the weights where they are: caches are kept per set of weight tensors (replacing a
     weight starts new ones), and in-place updates of the weights are seen."""
 
@@ -910,8 +919,12 @@ class GraphedCaches:
         with self._lock:
             self._idle[cache.pool_key] = cache
             self._idle.move_to_end(cache.pool_key)
-            while len(self._idle) > MAX_IDLE_GRAPHED_CACHES:
+            while len(self._idle) > MAX_IDLE_GRAPHED_CACHES or self.nbytes() > MAX_IDLE_GRAPHED_BYTES:
                 self._idle.popitem(last=False)
+
+    def nbytes(self) -> int:
+        """Memory held by the kept caches' tensors."""
+        return sum(cache.nbytes() for cache in self._idle.values())
 
     def clear(self) -> None:
         """Free every kept cache and its graphs."""
