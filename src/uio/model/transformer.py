@@ -608,7 +608,7 @@ class UnifiedIO(nn.Module):
         self.discrete_vae = VQGAN(vae_cfg)
         self.compiled_step: Callable | None = None  # see enable_compile
         self.step_traces: StepTraces | None = None  # see enable_step_traces
-        self.cuda_graphs = False  # record each call's decoding steps as CUDA graphs (see StepGraphs)
+        self.cuda_graphs = False  # replay decoding steps from CUDA graphs (see StepGraphs, GraphedCaches)
         self.packed_output_rows: dict[bool, Tensor] = {}  # is_image -> packed rows; see prepack_decoder
         self.keeps_packed = False  # (re)pack the decoder whenever .to() lands where packing is supported
         self.graphed_caches = GraphedCaches()  # decoder caches kept with their CUDA graphs
@@ -837,6 +837,7 @@ class DecoderCache:
         self.positions = dec.position_ids(text_length, image_length, device)
         self.step_index = torch.arange(self.length, device=device)
         self.graphs = StepGraphs() if model.cuda_graphs else None
+        self.pool_key: tuple | None = None  # the shapes and weights it is kept for (see GraphedCaches)
 
     def _encoding_state(self, model: "UnifiedIO", enc: EncoderOutput) -> tuple[list, Tensor, Tensor]:
         """(cross-attention keys/values, cross-attention bias, self-attention bias) for ``enc``."""
