@@ -12,6 +12,21 @@ _DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 CONFORMANCE = Path(os.environ.get("UIO_CONFORMANCE", _DEFAULT))
 
 
+def pytest_report_header(config) -> str:
+    """Whether uio's CPU kernel is built and used (loaded here, so every test sees the same state)."""
+    from uio.model import gemv
+
+    return "uio CPU matrix-vector kernel: " + ("loaded" if gemv.load() else f"not used ({gemv.unsupported_reason()})")
+
+
+@pytest.fixture
+def without_cpu_kernel(monkeypatch):
+    """Decode with torch's kernels even where uio's CPU kernel is loaded (for tests of those paths)."""
+    from uio.model import gemv
+
+    monkeypatch.setattr(gemv, "enabled", False)
+
+
 @pytest.fixture(scope="session")
 def conformance() -> Path:
     """Path of the conformance folder; skips the test where it is absent."""

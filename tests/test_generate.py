@@ -10,7 +10,7 @@ import torch
 
 from uio import generate
 from uio.config import UnifiedIOConfig, VAEConfig
-from uio.model import transformer
+from uio.model import gemv, transformer
 from uio.model.transformer import (DecoderCache, StepGraphs, StepTraces, UnifiedIO, decode_step,
                                    packed_matmul_supported)
 
@@ -196,9 +196,19 @@ PACKED = [pytest.param(dtype, True, id=f"{name}-packed", marks=pytest.mark.skipi
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))]
 
 
+KERNEL = pytest.param(torch.float32, False, True, id="fp32-cpu-kernel", marks=pytest.mark.skipif(
+    gemv.unsupported_reason() is not None, reason=f"uio's CPU kernel is not used here: {gemv.unsupported_reason()}"))
+
+
 @needs_tracing
-@pytest.mark.parametrize("dtype, packed", [(torch.float32, False), *PACKED])
-def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed):
+@pytest.mark.parametrize("dtype, packed, kernel", [(torch.float32, False, False), KERNEL,
+                                                   *[pytest.param(*p.values, False, id=p.id, marks=p.marks)
+                                                     for p in PACKED]])
+def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(gemv, "enabled", False)
+    elif not gemv.load():
+        pytest.fail("uio's CPU kernel did not build on a CPU that can run it (see the warning logged)")
     model = random_model(dtype, packed)
     eager = generations(model, traced=False)
     traced = generations(model, traced=True)
@@ -208,8 +218,9 @@ def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed):
     assert sorted(key[:3] for key in model.step_traces.traces) == [(image, *kind) for image in (False, True)
                                                                    for kind in kinds]
     assert {key[-1] for key in model.step_traces.traces} == {packed}
-    for trace in model.step_traces.traces.values():  # packed copies are used, not the plain weights
-        assert ("mkldnn::_linear_pointwise" in str(trace.inlined_graph)) == packed
+    for trace in model.step_traces.traces.values():  # the kernel, or the packed copies, not the plain weights
+        graph = str(trace.inlined_graph)
+        assert ("uio_cpu::gemv" in graph, "mkldnn::_linear_pointwise" in graph) == (kernel, packed)
 
 
 @needs_tracing
@@ -445,7 +456,7 @@ def test_converting_a_model_derives_its_fused_and_traced_forms_again():
     assert_generations_equal(generations(model, traced=True), before)
 
 
-def test_converting_a_packed_model_packs_it_again_where_it_can():
+def test_converting_a_packed_model_packs_it_again_where_it_can(without_cpu_kernel):
     if not packed_matmul_supported(torch.float32):
         pytest.skip("this CPU has no oneDNN packed matmul for fp32")
     model = random_model(packed=True)

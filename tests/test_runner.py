@@ -234,7 +234,7 @@ def test_bf16_vqgan_only_where_the_cpu_has_bf16_kernels(conformance, monkeypatch
 
 
 @pytest.mark.parametrize("dtype, rtol", [("fp32", 1e-5), ("bf16", 1e-3)])
-def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image, dtype, rtol):
+def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image, dtype, rtol, without_cpu_kernel):
     from uio.model.transformer import packed_matmul_supported
     from uio.runner import resolve_dtype
 

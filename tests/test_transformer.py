@@ -181,7 +181,7 @@ def test_fusing_lays_the_weights_out_for_their_dtype(transposed, dtype):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rows", [1, 3, 200])  # 200 rows take the plain matmul
-def test_prepacked_weights_give_the_plain_results(rows, dtype, tolerance):
+def test_prepacked_weights_give_the_plain_results(rows, dtype, tolerance, without_cpu_kernel):
     if not packed_matmul_supported(dtype):
         pytest.skip(f"this CPU has no oneDNN packed matmul for {dtype}")
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ import torch
 from . import generate, processing
 from .checkpoint import load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
+from .model import gemv
 from .model.hardware import computes_natively
 from .model.transformer import StepTraces, UnifiedIO, packed_matmul_supported
 from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
@@ -83,6 +84,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     ``model.cuda_graphs = False`` turns them off).
     """
     device = resolve_device(device)
+    if device.type == "cpu" and dtype == torch.float32:
+        gemv.load()  # before any step is traced: traces keep the kernels they saw
     config, vae_config = load_config(size)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
