@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from uio.model import gemv
+from uio.model.hardware import cpu_has_bf16_kernels
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +30,29 @@ def stored_in_out(out_features: int, in_features: int) -> torch.Tensor:
     return torch.randn(in_features, out_features).T
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
 @pytest.mark.parametrize("layout", ["in-out", "out-in", "in-out rows of a wider matrix", "out-in rows of a table"])
-def test_kernel_computes_x_times_weight_transposed(kernel, layout, rows, threads):
+def test_kernel_computes_x_times_weight_transposed(kernel, layout, rows, threads, dtype):
     torch.manual_seed(rows)
     weight = {"in-out": stored_in_out(1152, 512), "out-in": torch.randn(384, 1024),
               "in-out rows of a wider matrix": stored_in_out(1152, 512)[384:768],  # a fused matrix's key rows
               "out-in rows of a table": torch.randn(500, 64)[100:300]}[layout]
-    x = torch.randn(rows, 1, weight.shape[1])
+    weight = weight.to(dtype) if dtype == torch.float32 else weight.T.to(dtype).T  # .to keeps the strides
+    x = torch.randn(rows, 1, weight.shape[1], dtype=dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         got = kernel(x, weight)
     finally:
         torch.set_num_threads(before)
-    expected = (x.double() @ weight.double().T).float()
-    assert got.shape == (rows, 1, weight.shape[0])
-    # Sums of 64-1024 products of N(0, 1) values (magnitude ~8-32): float32 rounding, as torch's own.
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    expected = (x.double() @ weight.double().T).to(dtype)  # the exact products of the dtype's values, rounded
+    assert got.shape == (rows, 1, weight.shape[0]) and got.dtype == dtype
+    # Sums of 64-1024 products of N(0, 1) values (magnitude ~8-32): float32 rounding, as torch's own,
+    # then (bf16) one rounding of the float32 sum, which can land one bf16 step away.
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2 ** -7, "atol": 1e-2}
+    torch.testing.assert_close(got, expected, **tolerance)
 
 
 @pytest.mark.parametrize("out_features, in_features", [(13, 37), (9, 5), (1, 3), (40, 70)])
@@ -61,13 +66,14 @@ def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
     weight, x = stored_in_out(64, 32), torch.randn(8, 32)
     assert gemv.serves(x, weight) and gemv.serves(x[:1], weight.T.contiguous().T)
     assert not gemv.serves(torch.randn(9, 32), weight)  # more rows than a decoding step's
-    assert not gemv.serves(x.bfloat16(), weight.bfloat16())
+    assert gemv.serves(x.bfloat16(), weight.bfloat16()) != cpu_has_bf16_kernels()  # oneDNN's serve there
+    assert not gemv.serves(x.double(), weight.double())
     assert not gemv.serves(x, torch.randn(64, 64)[:, ::2])  # neither rows nor columns contiguous
     monkeypatch.setattr(gemv, "enabled", False)
     assert not gemv.serves(x, weight)
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         torch.ops.uio_cpu.gemv(torch.randn(9, 32), weight)
-    with pytest.raises(RuntimeError, match="float32 only"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 only"):
         torch.ops.uio_cpu.gemv(x.double(), weight.double())
 
 

@@ -216,7 +216,7 @@ def test_weight_packer_reuses_its_buffer_without_touching_earlier_packs():
 
 
 @pytest.mark.parametrize("bf16_kernels", [True, False])
-def test_bf16_matmuls_of_many_rows_run_in_fp32_where_bf16_is_emulated(monkeypatch, bf16_kernels):
+def test_bf16_matmuls_of_many_rows_run_in_fp32_where_bf16_is_emulated(monkeypatch, bf16_kernels, without_cpu_kernel):
     """Emulated bf16 matmuls are ~6x slower than fp32 ones for an encoder's rows: without bf16
     kernels a bf16 matmul of more than a few rows multiplies in fp32 and rounds to bf16."""
     from uio.model import transformer

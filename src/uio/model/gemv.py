@@ -4,7 +4,8 @@ A decoding step multiplies one to a few rows by every weight matrix, so its time
 read the weights. torch's kernels split such a product over output columns and read each thread's
 share of every weight row with a stride; ``gemv.cpp`` gives each thread one contiguous block of
 the weight instead. On a 2-core AMD EPYC (AVX2) a step's 49 float32 products took 6.3 + 3.8 ms
-(layers + output rows) instead of 11.2 + 7.2 ms with oneDNN's packed kernel.
+(layers + output rows) instead of 11.2 + 7.2 ms with oneDNN's packed kernel. bfloat16 weights are
+widened to float32 in registers, so on CPUs without bf16 kernels bf16 steps read half the bytes.
 
 :func:`load` compiles it with torch's C++ extension builder (a C++ compiler and ninja needed; ~30-60 s,
 once per machine: torch keeps the build in ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``)
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .hardware import cpu_has_bf16_kernels
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,16 @@ def available() -> bool:
 
 
 def serves(x: Tensor, weight: Tensor) -> bool:
-    """Whether the loaded kernel computes ``x @ weight.T``: float32 on the CPU, at most ``MAX_ROWS``
-    rows, a weight whose rows or columns are contiguous."""
-    return (_loaded and enabled and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+    """Whether the loaded kernel computes ``x @ weight.T``: on the CPU, in float32, or in bfloat16 on a
+    CPU without bf16 kernels (where torch emulates them; elsewhere oneDNN's are measured to serve),
+    at most ``MAX_ROWS`` rows, a weight whose rows or columns are contiguous."""
+    return (_loaded and enabled and x.device.type == "cpu" and x.dtype == weight.dtype and serves_dtype(x.dtype)
             and x.shape[:-1].numel() <= MAX_ROWS and (weight.stride(0) == 1 or weight.stride(1) == 1))
+
+
+def serves_dtype(dtype: torch.dtype) -> bool:
+    """Whether CPU models in ``dtype`` would use the kernel (see :func:`serves`)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not cpu_has_bf16_kernels())
 
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
