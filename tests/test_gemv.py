@@ -101,14 +101,29 @@ def test_a_kernel_that_cannot_build_leaves_torchs_kernels(monkeypatch, caplog):
         raise RuntimeError("Error building extension 'uio_cpu_gemv'\nc++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
-    monkeypatch.setattr(gemv, "_loaded", False)
-    monkeypatch.setattr(gemv, "_failure", None)
-    monkeypatch.setattr(gemv, "unsupported_reason", lambda: None)
+    for name, value in (("_loaded", False), ("_failure", None), ("unsupported_reason", lambda: None)):
+        monkeypatch.setattr(gemv, name, value)
     with caplog.at_level(logging.WARNING):
         assert not gemv.load() and not gemv.load()  # tried once
     assert gemv.failure() == "RuntimeError: c++: command not found"
     assert caplog.text.count("could not build uio's CPU matrix-vector kernel (RuntimeError: c++: command") == 1
     assert not gemv.serves(torch.randn(1, 4), torch.randn(4, 4))
+
+
+@pytest.mark.parametrize("build_seconds, noticed", [(0.3, True), (0.0, False)])
+def test_a_load_that_compiles_says_so(monkeypatch, caplog, build_seconds, noticed):
+    import time
+
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *args, **kwargs: time.sleep(build_seconds))
+    monkeypatch.setattr(gemv, "COMPILING_NOTICE_AFTER_S", 0.1)
+    for name, value in (("_loaded", False), ("_failure", None), ("unsupported_reason", lambda: None)):
+        monkeypatch.setattr(gemv, name, value)
+    with caplog.at_level(logging.WARNING):
+        assert gemv.load()
+    time.sleep(0.2)  # a notice still pending would have fired by now
+    assert ("compiling uio's CPU matrix-vector kernel (once per machine" in caplog.text) == noticed
 
 
 def test_the_environment_can_turn_the_kernel_off(monkeypatch):

