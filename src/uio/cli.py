@@ -660,7 +660,8 @@ def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]
                         help="decode by top-p sampling (default for image outputs and pose)")
     group.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     group.add_argument("--no-prepack", dest="prepack", action="store_false",
-                       help="on the CPU, keep no packed copies of the decoder's weights: less memory, slower decoding")
+                       help="on the CPU, keep no packed copies of the decoder's weights: less memory, slower "
+                            "decoding of more than 8 rows at a time (or of any, without uio's CPU kernel)")
     group.add_argument("--stop-at-eos", action="store_true",
                        help="stop decoding text once it has ended: faster short answers, same text, scores "
                             "count only the steps run (default: decode every step, as the original)")

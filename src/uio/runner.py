@@ -124,7 +124,8 @@ class ModelRunner:
     :param seed: seed of the sampler used by image tasks (sampling is deterministic per call)
     :param prepack: on the CPU, keep oneDNN-packed copies of the weights a decoding step reads
         (faster steps, for a third (small) to a half (xl) more weight memory; see :func:`build_model`);
-        pass False where memory is tight
+        pass False where memory is tight. Where uio's CPU kernel is loaded (:mod:`uio.model.gemv`) it
+        serves steps of up to 8 rows and the copies only steps of 9-64 rows
     :param stop_at_eos: stop decoding text once every sequence has emitted EOS (text outputs
         only). The reference always decodes ``output_text_len`` steps and scores them all: the
         text is the same, but scores count only the steps run, so beams may rank differently.
