@@ -94,15 +94,20 @@ def test_decoding_with_the_kernel_gives_torchs_results(kernel, conformance, test
     np.testing.assert_allclose(with_kernel["score"], without["score"], rtol=1e-5)
 
 
-def test_a_kernel_that_cannot_build_leaves_torchs_kernels(monkeypatch, caplog):
+@pytest.fixture
+def never_loaded(monkeypatch):
+    """The module as before any load, on a machine that can run the kernel (builds are stood in for)."""
+    for name, value in (("_loaded", False), ("_failure", None), ("unsupported_reason", lambda: None)):
+        monkeypatch.setattr(gemv, name, value)
+
+
+def test_a_kernel_that_cannot_build_leaves_torchs_kernels(monkeypatch, caplog, never_loaded):
     import torch.utils.cpp_extension
 
     def failing_build(*args, **kwargs):
         raise RuntimeError("Error building extension 'uio_cpu_gemv'\nc++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
-    for name, value in (("_loaded", False), ("_failure", None), ("unsupported_reason", lambda: None)):
-        monkeypatch.setattr(gemv, name, value)
     with caplog.at_level(logging.WARNING):
         assert not gemv.load() and not gemv.load()  # tried once
     assert gemv.failure() == "RuntimeError: c++: command not found"
@@ -111,15 +116,13 @@ def test_a_kernel_that_cannot_build_leaves_torchs_kernels(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("build_seconds, noticed", [(0.3, True), (0.0, False)])
-def test_a_load_that_compiles_says_so(monkeypatch, caplog, build_seconds, noticed):
+def test_a_load_that_compiles_says_so(monkeypatch, caplog, build_seconds, noticed, never_loaded):
     import time
 
     import torch.utils.cpp_extension
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *args, **kwargs: time.sleep(build_seconds))
     monkeypatch.setattr(gemv, "COMPILING_NOTICE_AFTER_S", 0.1)
-    for name, value in (("_loaded", False), ("_failure", None), ("unsupported_reason", lambda: None)):
-        monkeypatch.setattr(gemv, name, value)
     with caplog.at_level(logging.WARNING):
         assert gemv.load()
     time.sleep(0.2)  # a notice still pending would have fired by now
