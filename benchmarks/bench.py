@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from uio import checkpoint, generate
-from uio.model import gemv
+from uio.model import cpu_kernels
 from uio.config import CONFIGS, VAE_CONFIG
 from uio.model.hardware import computes_natively
 from uio.model.transformer import UnifiedIO, linear, pack_weight, packed_matmul_supported
@@ -106,13 +106,13 @@ def streaming_bandwidth(dtype: torch.dtype, device: torch.device) -> float:
     """Bytes/s at which the fastest batch-1 matrix-vector product here streams a large ``dtype``
     weight: what bounds a decoding step. The weight is row-major, column-major, (CPU)
     oneDNN-packed, as the model's steps pack theirs and for one row, and (CPU, fp32) multiplied by
-    uio's kernel (:mod:`uio.model.gemv`), where it is loaded."""
+    uio's kernel (:mod:`uio.model.cpu_kernels`), where it is loaded."""
     row_major = torch.randn(16384, 4096, device=device).to(dtype)
     column_major = row_major.t().contiguous().t()
     v = torch.randn(1, 4096, device=device).to(dtype)
     products = [lambda: v @ row_major.t(), lambda: v @ column_major.t()]
-    if gemv.serves(v, row_major):
-        products += [lambda: gemv.gemv(v, row_major), lambda: gemv.gemv(v, column_major)]
+    if cpu_kernels.serves(v, row_major):
+        products += [lambda: cpu_kernels.gemv(v, row_major), lambda: cpu_kernels.gemv(v, column_major)]
     if device.type == "cpu" and packed_matmul_supported(dtype):
         # Blocked for one row, oneDNN streams this matrix ~1.5x faster than as the model's
         # steps pack their (narrower) ones, for up to 16 rows.
@@ -293,7 +293,7 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
     dtype_name, compiled = mode.split("+")[0], mode.endswith("+compile")
     dtype, device = resolve_dtype(dtype_name), torch.device(args.device)
     if device.type == "cpu":
-        gemv.load()  # its streaming rate counts in the floors, also of modes that do not use it
+        cpu_kernels.load()  # its streaming rate counts in the floors, also of modes that do not use it
     rates = measure_hardware(dtype, device)
     runner = make_runner(args.size, checkpoint_path, tokenizer_source(), dtype_name, compiled, args.device)
     question = "what color is the sofa ?"

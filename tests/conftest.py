@@ -13,18 +13,18 @@ CONFORMANCE = Path(os.environ.get("UIO_CONFORMANCE", _DEFAULT))
 
 
 def pytest_report_header(config) -> str:
-    """Whether uio's CPU kernel is built and used (loaded here, so every test sees the same state)."""
-    from uio.model import gemv
+    """Whether uio's CPU kernels are built and used (loaded here, so every test sees the same state)."""
+    from uio.model import cpu_kernels
 
-    return "uio CPU matrix-vector kernel: " + ("loaded" if gemv.load() else f"not used ({gemv.unsupported_reason()})")
+    return "uio CPU kernels: " + ("loaded" if cpu_kernels.load() else f"not used ({cpu_kernels.unsupported_reason()})")
 
 
 @pytest.fixture
 def without_cpu_kernel(monkeypatch):
     """Decode with torch's kernels even where uio's CPU kernel is loaded (for tests of those paths)."""
-    from uio.model import gemv
+    from uio.model import cpu_kernels
 
-    monkeypatch.setattr(gemv, "enabled", False)
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 
 from uio import generate
 from uio.config import UnifiedIOConfig, VAEConfig
-from uio.model import gemv, transformer
+from uio.model import cpu_kernels, transformer
 from uio.model.transformer import (DecoderCache, StepGraphs, StepTraces, UnifiedIO, decode_step,
                                    packed_matmul_supported)
 
@@ -197,7 +197,8 @@ PACKED = [pytest.param(dtype, True, id=f"{name}-packed", marks=pytest.mark.skipi
 
 
 KERNEL = pytest.param(torch.float32, False, True, id="fp32-cpu-kernel", marks=pytest.mark.skipif(
-    gemv.unsupported_reason() is not None, reason=f"uio's CPU kernel is not used here: {gemv.unsupported_reason()}"))
+    cpu_kernels.unsupported_reason() is not None,
+    reason=f"uio's CPU kernels are not used here: {cpu_kernels.unsupported_reason()}"))
 
 
 @needs_tracing
@@ -206,8 +207,8 @@ KERNEL = pytest.param(torch.float32, False, True, id="fp32-cpu-kernel", marks=py
                                                      for p in PACKED]])
 def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed, kernel, monkeypatch):
     if not kernel:
-        monkeypatch.setattr(gemv, "enabled", False)
-    elif not gemv.load():
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
+    elif not cpu_kernels.load():
         pytest.fail("uio's CPU kernel did not build on a CPU that can run it (see the warning logged)")
     model = random_model(dtype, packed)
     eager = generations(model, traced=False)
@@ -218,9 +219,12 @@ def test_traced_steps_decode_exactly_what_eager_steps_decode(dtype, packed, kern
     assert sorted(key[:3] for key in model.step_traces.traces) == [(image, *kind) for image in (False, True)
                                                                    for kind in kinds]
     assert {key[-1] for key in model.step_traces.traces} == {packed}
-    for trace in model.step_traces.traces.values():  # the kernel, or the packed copies, not the plain weights
+    for trace in model.step_traces.traces.values():  # the kernels, or the packed copies, not the plain weights
         graph = str(trace.inlined_graph)
         assert ("uio_cpu::gemv" in graph, "mkldnn::_linear_pointwise" in graph) == (kernel, packed)
+        # Every layer in one call; the output rows by the product kernel.
+        layers = model.decoder.layers
+        assert graph.count("uio_cpu::decoder_layer_step") == (len(layers) if kernel else 0)
 
 
 @needs_tracing

@@ -17,7 +17,7 @@ import torch
 from . import generate, processing
 from .checkpoint import load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
-from .model import gemv
+from .model import cpu_kernels
 from .model.hardware import computes_natively
 from .model.transformer import StepTraces, UnifiedIO, packed_matmul_supported
 from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
@@ -84,8 +84,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     ``model.cuda_graphs = False`` turns them off).
     """
     device = resolve_device(device)
-    if device.type == "cpu" and gemv.serves_dtype(dtype):
-        gemv.load()  # before any step is traced: traces keep the kernels they saw
+    if device.type == "cpu" and cpu_kernels.serves_dtype(dtype):
+        cpu_kernels.load()  # before any step is traced: traces keep the kernels they saw
     config, vae_config = load_config(size)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
@@ -93,7 +93,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
     native_bf16 = computes_natively(torch.bfloat16, device)
     if dtype == torch.bfloat16 and not native_bf16:
-        speed = ("decoding steps of up to 8 rows run uio's CPU kernel (half the bytes of fp32)" if gemv.available()
+        kernel = cpu_kernels.available()
+        speed = ("decoding steps of up to 8 rows run uio's CPU kernel (half the bytes of fp32)" if kernel
                  else "decoding one example at a time is faster than in fp32, batches slower")
         log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): bf16 halves the weights' memory and %s; "
                     "the VQGAN stays in fp32", speed)
@@ -124,8 +125,8 @@ class ModelRunner:
     :param seed: seed of the sampler used by image tasks (sampling is deterministic per call)
     :param prepack: on the CPU, keep oneDNN-packed copies of the weights a decoding step reads
         (faster steps, for a third (small) to a half (xl) more weight memory; see :func:`build_model`);
-        pass False where memory is tight. Where uio's CPU kernel is loaded (:mod:`uio.model.gemv`) it
-        serves steps of up to 8 rows and the copies only steps of 9-64 rows
+        pass False where memory is tight. Where uio's CPU kernels are loaded (:mod:`uio.model.cpu_kernels`)
+        they serve steps of up to 8 rows and the copies only steps of 9-64 rows
     :param stop_at_eos: stop decoding text once every sequence has emitted EOS (text outputs
         only). The reference always decodes ``output_text_len`` steps and scores them all: the
         text is the same, but scores count only the steps run, so beams may rank differently.

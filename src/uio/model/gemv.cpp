@@ -1,137 +1,11 @@
-// x @ weight.T for a few rows of x on an x86 CPU with AVX2 and FMA, streaming the weight once;
-// float32, or bfloat16 weights widened to float32 in registers (float32 sums, rounded at the end).
-//
-// torch's kernels split such a product over output columns, so each thread reads a strided part
-// of every weight row; here each thread streams one contiguous block of the weight (a block of
-// input rows for a weight stored (in, out), of output rows for one stored (out, in)), which on a
-// 2-core AMD EPYC reads the weights of a decoding step ~1.8x faster.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <omp.h>
-
-#include <algorithm>
-#include <cstring>
+// torch.ops.uio_cpu.gemv: x @ weight.T for a few rows of x (see cpu_kernels.h).
 #include <torch/library.h>
+
+#include "cpu_kernels.h"
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
-
-// Eight weights as float32: loaded, or widened from bfloat16 (its bits are a float32's upper half).
-inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
-inline __m256 load8(const uint16_t* w) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-inline float value(float w) { return w; }
-inline float value(uint16_t w) {
-  uint32_t bits = static_cast<uint32_t>(w) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// y[r, :] += sum over i in [i0, i1) of x[r, i] * w[i, :]   (w: in rows of `out` values, row stride ldw)
-template <typename W>
-void accumulate_input_rows(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t out,
-                           int64_t i0, int64_t i1, float* y) {
-  int64_t vector_end = out - out % 8;
-  int64_t i = i0;
-  for (; i + 4 <= i1; i += 4) {  // four weight rows per pass over y: a quarter of the y traffic
-    const W *w0 = w + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * ldx + i;
-      __m256 x0 = _mm256_set1_ps(xr[0]), x1 = _mm256_set1_ps(xr[1]);
-      __m256 x2 = _mm256_set1_ps(xr[2]), x3 = _mm256_set1_ps(xr[3]);
-      float* yr = y + r * out;
-      for (int64_t j = 0; j < vector_end; j += 8) {
-        __m256 acc = _mm256_loadu_ps(yr + j);
-        acc = _mm256_fmadd_ps(x0, load8(w0 + j), acc);
-        acc = _mm256_fmadd_ps(x1, load8(w1 + j), acc);
-        acc = _mm256_fmadd_ps(x2, load8(w2 + j), acc);
-        acc = _mm256_fmadd_ps(x3, load8(w3 + j), acc);
-        _mm256_storeu_ps(yr + j, acc);
-      }
-      for (int64_t j = vector_end; j < out; ++j) {
-        yr[j] += xr[0] * value(w0[j]) + xr[1] * value(w1[j]) + xr[2] * value(w2[j]) + xr[3] * value(w3[j]);
-      }
-    }
-  }
-  for (; i < i1; ++i) {
-    const W* wi = w + i * ldw;
-    for (int64_t r = 0; r < rows; ++r) {
-      float xi = x[r * ldx + i];
-      float* yr = y + r * out;
-      for (int64_t j = 0; j < out; ++j) yr[j] += xi * value(wi[j]);
-    }
-  }
-}
-
-float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// y[r, o] = dot(x[r, :], w[o, :]) for o in [o0, o1)   (w: out rows of `in` values, row stride ldw)
-template <typename W>
-void dot_output_rows(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t in,
-                     int64_t o0, int64_t o1, float* y, int64_t out) {
-  int64_t vector_end = in - in % 32;
-  for (int64_t o = o0; o < o1; ++o) {
-    const W* wo = w + o * ldw;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * ldx;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      for (int64_t k = 0; k < vector_end; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), load8(wo + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 8), load8(wo + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 16), load8(wo + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 24), load8(wo + k + 24), a3);
-      }
-      float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-      for (int64_t k = vector_end; k < in; ++k) sum += xr[k] * value(wo[k]);
-      y[r * out + o] = sum;
-    }
-  }
-}
-
-template <typename W>
-void multiply(const float* xp, int64_t ldx, int64_t rows, const W* wp, const at::Tensor& weight, float* yp,
-              const at::TensorOptions& options) {
-  int64_t in = weight.size(1), out = weight.size(0);
-  int threads = std::max(1, std::min(at::get_num_threads(), 16));
-  if (weight.stride(1) == 1) {  // stored (out, in): each thread computes a block of outputs
-    int64_t ldw = weight.stride(0), block = (out + threads - 1) / threads;
-#pragma omp parallel num_threads(threads)
-    {
-      int64_t o0 = omp_get_thread_num() * block;
-      if (o0 < out) dot_output_rows(xp, ldx, rows, wp, ldw, in, o0, std::min(out, o0 + block), yp, out);
-    }
-    return;
-  }
-  // Stored (in, out): each thread adds up a block of input rows into its own copy of y (the first
-  // thread into y itself), then each adds a block of columns of the copies into y.
-  int64_t ldw = weight.stride(1), block = ((in + threads - 1) / threads + 3) / 4 * 4;
-  int blocks = static_cast<int>((in + block - 1) / block);
-  at::Tensor partial = at::empty({std::max(blocks - 1, 1), rows, out}, options);
-  float* pp = partial.data_ptr<float>();
-#pragma omp parallel num_threads(blocks)
-  {
-    int b = omp_get_thread_num();
-    float* own = b == 0 ? yp : pp + (b - 1) * rows * out;
-    std::fill(own, own + rows * out, 0.0f);
-    accumulate_input_rows(xp, ldx, rows, wp, ldw, out, b * block, std::min(in, (b + 1) * block), own);
-#pragma omp barrier
-    int64_t total = rows * out, columns = (total + blocks - 1) / blocks;
-    int64_t c0 = b * columns, c1 = std::min(total, c0 + columns);
-    for (int other = 1; other < blocks; ++other) {
-      const float* part = pp + (other - 1) * total;
-      for (int64_t c = c0; c < c1; ++c) yp[c] += part[c];
-    }
-  }
-}
+using namespace uio_cpu;
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "gemv: x (rows, in), weight (out, in)");
@@ -142,14 +16,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.stride(0) == 1 || weight.stride(1) == 1, "gemv: weight rows or columns must be contiguous");
   at::Tensor x32 = x.to(at::kFloat).contiguous();  // a few rows: widened once
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x32.options());
-  const float* xp = x32.data_ptr<float>();
-  if (weight.scalar_type() == at::kFloat) {
-    multiply(xp, x32.stride(0), x32.size(0), weight.data_ptr<float>(), weight, y.data_ptr<float>(), x32.options());
-    return y;
-  }
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  multiply(xp, x32.stride(0), x32.size(0), wp, weight, y.data_ptr<float>(), x32.options());
-  return y.to(at::kBFloat16);
+  product(x32.data_ptr<float>(), x32.stride(0), x32.size(0), weight, y.data_ptr<float>());
+  return weight.scalar_type() == at::kFloat ? y : y.to(at::kBFloat16);
 }
 
 }  // namespace

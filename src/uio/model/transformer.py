@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UnifiedIOConfig
-from . import gemv
+from . import cpu_kernels
 from .embedding import Embedding
 from .hardware import computes_natively, cpu_has_bf16_kernels
 
@@ -113,13 +113,13 @@ class WeightPacker:
 
 def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight)``; for float32 inputs of up to 8 rows on the CPU by uio's kernel where it
-    is loaded (:mod:`uio.model.gemv`, ~1.8x faster), else through ``packed`` (:func:`pack_weight` of
+    is loaded (:mod:`uio.model.cpu_kernels`, ~1.8x faster), else through ``packed`` (:func:`pack_weight` of
     ``weight``) for inputs of a few rows: on the CPU that is 1.5-2.5x faster (the plain matmul
     re-blocks a half-precision weight on every call, and its fp32 kernel for a few rows gains
     nothing from a second thread)."""
     rows = x.shape[:-1].numel()
-    if gemv.serves(x, weight) and not torch.compiler.is_compiling():
-        return gemv.gemv(x, weight)
+    if cpu_kernels.serves(x, weight) and not torch.compiler.is_compiling():
+        return cpu_kernels.gemv(x, weight)
     if packed is None or rows > PACKED_MAX_ROWS or torch.compiler.is_compiling():
         if rows > EMULATED_BF16_MAX_ROWS and emulates_bf16(x):
             return F.linear(x.float(), weight.float()).to(x.dtype)
@@ -528,6 +528,9 @@ class DecoderLayer(nn.Module):
                 cache: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """Self-attention over ``x`` itself (teacher forcing) or, with ``cache`` = (keys, values,
         index), over the cached keys/values after writing this step's at ``index`` (decoding)."""
+        if self._kernel_serves_step(x, cross_kv, cache):  # the same arithmetic in one call
+            return cpu_kernels.decoder_layer_step(x, self.kernel_weights(), cache, self_bias, cross_kv, cross_bias,
+                                                  self.pre_mlp_layer_norm.eps)
         attn, cross = self.self_attention, self.encoder_decoder_attention
         q, k, v = attn.project(self.pre_self_attention_layer_norm(x), "qkv")
         if cache is not None:
@@ -537,6 +540,20 @@ class DecoderLayer(nn.Module):
         q, = cross.project(self.pre_cross_attention_layer_norm(x), "q")
         x = x + cross.attend(q, *cross_kv, cross_bias)
         return x + self.mlp(self.pre_mlp_layer_norm(x))
+
+
+    def kernel_weights(self) -> list[Tensor]:
+        """The weights :func:`cpu_kernels.decoder_layer_step` takes, in its order."""
+        attn, cross, mlp = self.self_attention, self.encoder_decoder_attention, self.mlp
+        return [self.pre_self_attention_layer_norm.weight, attn.fused_qkv, attn.out.weight,
+                self.pre_cross_attention_layer_norm.weight, cross._fused_rows("q"), cross.out.weight,
+                self.pre_mlp_layer_norm.weight, mlp.fused_wi, mlp.wo.weight]
+
+    def _kernel_serves_step(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], cache: tuple | None) -> bool:
+        """Whether uio's CPU kernel runs this layer's decoding step (needs the fused projections)."""
+        fused = [self.mlp.fused_wi, self.self_attention.fused_qkv, self.encoder_decoder_attention.fused_qkv]
+        return (cache is not None and all(w is not None for w in fused)
+                and cpu_kernels.serves_decoder_layer(x, self.kernel_weights(), [*cache[:2], *cross_kv]))
 
 
 class Decoder(nn.Module):
@@ -982,9 +999,10 @@ def _decode_step(model: "UnifiedIO", keys: list[Tensor], values: list[Tensor], k
 class StepTraces:
     """TorchScript traces of :func:`_decode_step`, replayed in place of running it from Python.
 
-    Eager PyTorch returns to Python between a step's ~600 small operations; a trace runs the same
-    kernels on the same tensors from TorchScript's C++ interpreter, so logits and caches are
-    bit-identical and a CPU step is ~18% (fp32) to ~25% (bf16) faster. Tracing records the
+    Eager PyTorch returns to Python between a step's ~600 small operations (~90 for ``small`` where
+    uio's CPU kernel runs each fp32 layer in one call); a trace runs the same kernels on the same
+    tensors from TorchScript's C++ interpreter, so logits and caches are bit-identical and a CPU
+    step without that kernel is ~18% (fp32) to ~25% (bf16) faster. Tracing records the
     operations of one real step (~50-80 ms instead of ~8), whose result that step returns. A trace
     reads the weights in place, as constants (packed copies, which cannot be constants, as
     inputs), and keeps the choices the step's Python code made; those depend only on the step

@@ -1,0 +1,267 @@
+// torch.ops.uio_cpu.decoder_layer_step: a whole decoder layer for a decoding step's few float32 rows.
+//
+// In torch such a layer is ~60 operations, most on a few hundred numbers, and each costs more to
+// dispatch than to compute: on a 2-core CPU a third of a step of `small` went to them. Here the
+// layer is one call: its six matrix products (cpu_kernels.h) and, between them, the norms, the
+// attention over the cached and the encoder's keys, and the gated GELU, in the reference's
+// arithmetic (float32; exp and tanh within a few ulp).
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace {
+
+using namespace uio_cpu;
+
+// e^x for eight floats: Cephes' single-precision polynomial (within a few ulp); 0 far below -87
+// (the reference's masked logits, -1e10, get exactly 0 weight there too).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+// T5's RMS norm of each row: x / sqrt(mean(x^2) + eps) * weight.
+void rms_norm(const float* x, int64_t rows, int64_t dim, const float* weight, double eps, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float squares = 0.0f;
+    for (int64_t i = 0; i < dim; ++i) squares += xr[i] * xr[i];
+    float scale = 1.0f / std::sqrt(squares / static_cast<float>(dim) + static_cast<float>(eps));
+    for (int64_t i = 0; i < dim; ++i) y[r * dim + i] = xr[i] * scale * weight[i];
+  }
+}
+
+// The reference's masked logits (bias -1e10) get exactly 0 weight whenever a key is not masked: they
+// are left out. (A row with every key masked attends to all of them uniformly, as in the reference.)
+constexpr float kMasked = -1e9f;
+
+// logits[j] = q . k_j + bias_j for `length` keys of `dim` values, four keys at a time (independent
+// sums); -inf for masked keys unless `all`. Returns whether some key is not masked.
+bool attention_logits(const float* q, const float* k, const float* bias, int64_t bias_stride, int64_t length,
+                      int64_t dim, bool all, float* logits) {
+  int64_t vector_end = dim - dim % 8, computed = 0;
+  int64_t keys[4];
+  auto flush = [&](int64_t count) {  // the logits of keys[0..count)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < vector_end; i += 8) {
+      __m256 qi = _mm256_loadu_ps(q + i);
+      for (int64_t m = 0; m < 4; ++m) {
+        if (m < count) acc[m] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + keys[m] * dim + i), acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < count; ++m) {
+      float sum = horizontal_sum(acc[m]);
+      for (int64_t i = vector_end; i < dim; ++i) sum += q[i] * k[keys[m] * dim + i];
+      logits[keys[m]] = sum + bias[keys[m] * bias_stride];
+    }
+  };
+  int64_t pending = 0;
+  for (int64_t j = 0; j < length; ++j) {
+    if (!all && bias[j * bias_stride] <= kMasked) {
+      logits[j] = -INFINITY;
+      continue;
+    }
+    keys[pending++] = j;
+    ++computed;
+    if (pending == 4) {
+      flush(4);
+      pending = 0;
+    }
+  }
+  flush(pending);
+  return computed > 0;
+}
+
+// out = softmax_j(q . k_j + bias_j) v_j over `length` keys of `dim` values (unscaled, as the reference);
+// `logits` has room for `length` rounded up to 8.
+void attend_one(const float* q, const float* k, const float* v, const float* bias, int64_t bias_stride,
+                int64_t length, int64_t dim, float* logits, float* out) {
+  if (!attention_logits(q, k, bias, bias_stride, length, dim, false, logits)) {
+    attention_logits(q, k, bias, bias_stride, length, dim, true, logits);
+  }
+  float largest = *std::max_element(logits, logits + length);
+  int64_t padded = (length + 7) / 8 * 8;
+  std::fill(logits + length, logits + padded, -INFINITY);
+  __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(largest);
+  for (int64_t j = 0; j < padded; j += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(logits + j), shift));
+    _mm256_storeu_ps(logits + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float inverse = 1.0f / horizontal_sum(total);
+  // The weighted sum of the values, 64 of their columns at a time in registers.
+  for (int64_t c = 0; c < dim; c += 64) {
+    int64_t width = std::min<int64_t>(64, dim - c), vectors = width / 8;
+    __m256 acc[8];
+    for (int m = 0; m < 8; ++m) acc[m] = _mm256_setzero_ps();
+    float tail[8] = {0};
+    for (int64_t j = 0; j < length; ++j) {
+      float weight = logits[j];
+      if (weight == 0.0f) continue;  // masked keys
+      const float* vj = v + j * dim + c;
+      __m256 w = _mm256_set1_ps(weight);
+      for (int m = 0; m < 8; ++m) {
+        if (m < vectors) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * m), acc[m]);
+      }
+      for (int64_t i = vectors * 8; i < width; ++i) tail[i - vectors * 8] += weight * vj[i];
+    }
+    for (int m = 0; m < vectors; ++m) _mm256_storeu_ps(out + c + 8 * m, _mm256_mul_ps(acc[m], _mm256_set1_ps(inverse)));
+    for (int64_t i = vectors * 8; i < width; ++i) out[c + i] = tail[i - vectors * 8] * inverse;
+  }
+}
+
+// Attention of q (rows, heads * dim; row stride ldq) over keys/values (rows / sharing, heads, length,
+// dim), where each key row serves `sharing` consecutive query rows (an example's beams), with
+// `bias` (rows / sharing, heads, 1, length; any strides) added to the logits -> out (rows, heads * dim).
+void attention(const float* q, int64_t ldq, int64_t rows, const at::Tensor& keys, const at::Tensor& values,
+               const at::Tensor& bias, float* out) {
+  int64_t heads = keys.size(1), length = keys.size(2), dim = keys.size(3);
+  int64_t sharing = rows / keys.size(0), pairs = rows * heads;
+  const float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs)));
+  std::vector<float> scratch(threads * ((length + 7) / 8 * 8));
+#pragma omp parallel num_threads(threads)
+  {
+    float* logits = scratch.data() + omp_get_thread_num() * ((length + 7) / 8 * 8);
+#pragma omp for schedule(static)
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      // The rows sharing keys one after the other: the same keys, from this core's cache.
+      int64_t kr = pair / (heads * sharing), h = pair / sharing % heads, r = kr * sharing + pair % sharing;
+      int64_t offset = (kr * heads + h) * length * dim;
+      attend_one(q + r * ldq + h * dim, kp + offset, vp + offset, bp + kr * bias.stride(0) + h * bias.stride(1),
+                 bias.stride(3), length, dim, logits, out + r * heads * dim + h * dim);
+    }
+  }
+}
+
+// y[r, :] += x[r, :] @ weight.T
+void add_product(const float* x, int64_t rows, const at::Tensor& weight, float* scratch, float* y) {
+  product(x, weight.size(1), rows, weight, scratch);
+  for (int64_t i = 0; i < rows * weight.size(0); ++i) y[i] += scratch[i];
+}
+
+// gelu(gate) * up (tanh approximation) for rows of [gate | up], each `hidden` wide.
+void gated_gelu(const float* gate_up, int64_t rows, int64_t hidden, float* out) {
+  const __m256 beta = _mm256_set1_ps(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *gate = gate_up + r * 2 * hidden, *up = gate + hidden;
+    float* o = out + r * hidden;
+    int64_t i = 0;
+    for (; i + 8 <= hidden; i += 8) {
+      __m256 x = _mm256_loadu_ps(gate + i);
+      __m256 inner = _mm256_mul_ps(beta, _mm256_fmadd_ps(kappa, _mm256_mul_ps(_mm256_mul_ps(x, x), x), x));
+      // tanh(u) = sign(u) (1 - e^-2|u|) / (1 + e^-2|u|)
+      __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, inner)));
+      __m256 t = _mm256_or_ps(_mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)), _mm256_and_ps(sign, inner));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t)),
+                                            _mm256_loadu_ps(up + i)));
+    }
+    for (; i < hidden; ++i) {
+      float x = gate[i], inner = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5) * (x + 0.044715f * x * x * x);
+      o[i] = 0.5f * x * (1.0f + std::tanh(inner)) * up[i];
+    }
+  }
+}
+
+void check_weight(const at::Tensor& w, int64_t out, int64_t in, const char* name) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == out && w.size(1) == in, "decoder_layer_step: ", name, " must be (",
+              out, ", ", in, "), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat && (w.stride(0) == 1 || w.stride(1) == 1), "decoder_layer_step: ",
+              name, " must be float32 with contiguous rows or columns");
+}
+
+void check_cache(const at::Tensor& t, int64_t rows, int64_t heads, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.is_contiguous() && rows % t.size(0) == 0 &&
+                  t.size(1) == heads && t.size(3) == dim,
+              "decoder_layer_step: ", name, " must be contiguous float32 of shape (", rows, " or a divisor of it, ",
+              heads, ", length, ", dim, "), got ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_norm, const at::Tensor& qkv,
+                              const at::Tensor& self_out, at::Tensor keys, at::Tensor values, const at::Tensor& index,
+                              const at::Tensor& self_bias, const at::Tensor& cross_norm, const at::Tensor& cross_q,
+                              const at::Tensor& cross_out, const at::Tensor& cross_keys,
+                              const at::Tensor& cross_values, const at::Tensor& cross_bias,
+                              const at::Tensor& mlp_norm, const at::Tensor& wi, const at::Tensor& wo, double eps) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decoder_layer_step: x must be float32 (rows, dim)");
+  int64_t rows = x_in.size(0), width = x_in.size(1), heads = keys.size(1), dim = keys.size(3);
+  int64_t inner = heads * dim, hidden = wo.size(1), length = keys.size(2);
+  TORCH_CHECK(rows <= kMaxRows, "decoder_layer_step: at most 8 rows");
+  check_cache(keys, rows, heads, dim, "keys");
+  check_cache(values, rows, heads, dim, "values");
+  check_cache(cross_keys, rows, heads, dim, "cross_keys");
+  check_cache(cross_values, rows, heads, dim, "cross_values");
+  TORCH_CHECK(keys.size(0) == rows && values.sizes() == keys.sizes() && cross_values.sizes() == cross_keys.sizes(),
+              "decoder_layer_step: keys and values must match, with a row of keys per row of x");
+  check_weight(qkv, 3 * inner, width, "qkv");
+  check_weight(self_out, width, inner, "self_out");
+  check_weight(cross_q, inner, width, "cross_q");
+  check_weight(cross_out, width, inner, "cross_out");
+  check_weight(wi, 2 * hidden, width, "wi");
+  check_weight(wo, width, hidden, "wo");
+  for (const auto* norm : {&self_norm, &cross_norm, &mlp_norm}) {
+    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == width && norm->scalar_type() == at::kFloat &&
+                    norm->is_contiguous(), "decoder_layer_step: norm weights must be contiguous float32 (dim,)");
+  }
+  TORCH_CHECK(index.numel() == 1, "decoder_layer_step: index must hold the step's position");
+  int64_t position = index.item<int64_t>();
+  TORCH_CHECK(0 <= position && position < length, "decoder_layer_step: position ", position, " outside the cache");
+  at::Tensor self_bias4 = self_bias.to(at::kFloat).expand({rows, heads, 1, length});
+  at::Tensor cross_bias4 = cross_bias.to(at::kFloat).expand({cross_keys.size(0), heads, 1, cross_keys.size(2)});
+
+  at::Tensor y = x_in.contiguous().clone();
+  auto buffer = [&](int64_t columns) { return at::empty({rows, columns}, y.options()); };
+  at::Tensor normed = buffer(width), projected = buffer(std::max(3 * inner, 2 * hidden)), attended = buffer(inner);
+  at::Tensor scratch = buffer(width), activated = buffer(hidden);
+  float *yp = y.data_ptr<float>(), *np = normed.data_ptr<float>(), *pp = projected.data_ptr<float>();
+  float *ap = attended.data_ptr<float>(), *sp = scratch.data_ptr<float>();
+
+  rms_norm(yp, rows, width, self_norm.data_ptr<float>(), eps, np);
+  product(np, width, rows, qkv, pp);
+  float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      int64_t at = ((r * heads + h) * length + position) * dim;
+      std::memcpy(kp + at, pp + r * 3 * inner + inner + h * dim, dim * sizeof(float));
+      std::memcpy(vp + at, pp + r * 3 * inner + 2 * inner + h * dim, dim * sizeof(float));
+    }
+  }
+  attention(pp, 3 * inner, rows, keys, values, self_bias4, ap);
+  add_product(ap, rows, self_out, sp, yp);
+
+  rms_norm(yp, rows, width, cross_norm.data_ptr<float>(), eps, np);
+  product(np, width, rows, cross_q, pp);
+  attention(pp, inner, rows, cross_keys, cross_values, cross_bias4, ap);
+  add_product(ap, rows, cross_out, sp, yp);
+
+  rms_norm(yp, rows, width, mlp_norm.data_ptr<float>(), eps, np);
+  product(np, width, rows, wi, pp);
+  gated_gelu(pp, rows, hidden, activated.data_ptr<float>());
+  add_product(activated.data_ptr<float>(), rows, wo, sp, yp);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(uio_cpu, m) {
+  m.def("decoder_layer_step(Tensor x, Tensor self_norm, Tensor qkv, Tensor self_out, Tensor(a!) keys, "
+        "Tensor(b!) values, Tensor index, Tensor self_bias, Tensor cross_norm, Tensor cross_q, Tensor cross_out, "
+        "Tensor cross_keys, Tensor cross_values, Tensor cross_bias, Tensor mlp_norm, Tensor wi, Tensor wo, "
+        "float eps) -> Tensor");
+  m.impl("decoder_layer_step", c10::DispatchKey::CPU, &decoder_layer_step);
+}

@@ -1,0 +1,223 @@
+"""uio's CPU kernels (uio.model.cpu_kernels) against torch: a product, a decoder layer's step, and decoding."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from uio.model import cpu_kernels
+from uio.model.hardware import cpu_has_bf16_kernels
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The built kernel; skips where this machine cannot run it or has no C++ compiler to build it."""
+    reason = cpu_kernels.unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"uio's CPU kernel is not used here: {reason}")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build uio's CPU kernel")
+    assert cpu_kernels.load(), f"uio's CPU kernel did not build: {cpu_kernels.failure()}"
+    return cpu_kernels.gemv
+
+
+def stored_in_out(out_features: int, in_features: int) -> torch.Tensor:
+    """An (out, in) weight stored as an (in, out) matrix, as float32 weights are."""
+    return torch.randn(in_features, out_features).T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("layout", ["in-out", "out-in", "in-out rows of a wider matrix", "out-in rows of a table"])
+def test_kernel_computes_x_times_weight_transposed(kernel, layout, rows, threads, dtype):
+    torch.manual_seed(rows)
+    weight = {"in-out": stored_in_out(1152, 512), "out-in": torch.randn(384, 1024),
+              "in-out rows of a wider matrix": stored_in_out(1152, 512)[384:768],  # a fused matrix's key rows
+              "out-in rows of a table": torch.randn(500, 64)[100:300]}[layout]
+    weight = weight.to(dtype) if dtype == torch.float32 else weight.T.to(dtype).T  # .to keeps the strides
+    x = torch.randn(rows, 1, weight.shape[1], dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel(x, weight)
+    finally:
+        torch.set_num_threads(before)
+    expected = (x.double() @ weight.double().T).to(dtype)  # the exact products of the dtype's values, rounded
+    assert got.shape == (rows, 1, weight.shape[0]) and got.dtype == dtype
+    # Sums of 64-1024 products of N(0, 1) values (magnitude ~8-32): float32 rounding, as torch's own,
+    # then (bf16) one rounding of the float32 sum, which can land one bf16 step away.
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2 ** -7, "atol": 1e-2}
+    torch.testing.assert_close(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize("out_features, in_features", [(13, 37), (9, 5), (1, 3), (40, 70)])
+def test_kernel_handles_sizes_off_its_vector_width(kernel, out_features, in_features):
+    x = torch.randn(3, in_features)
+    for weight in (stored_in_out(out_features, in_features), torch.randn(out_features, in_features)):
+        torch.testing.assert_close(kernel(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
+    weight, x = stored_in_out(64, 32), torch.randn(8, 32)
+    assert cpu_kernels.serves(x, weight) and cpu_kernels.serves(x[:1], weight.T.contiguous().T)
+    assert not cpu_kernels.serves(torch.randn(9, 32), weight)  # more rows than a decoding step's
+    assert cpu_kernels.serves(x.bfloat16(), weight.bfloat16()) != cpu_has_bf16_kernels()  # oneDNN's serve there
+    assert not cpu_kernels.serves(x.double(), weight.double())
+    assert not cpu_kernels.serves(x, torch.randn(64, 64)[:, ::2])  # neither rows nor columns contiguous
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    assert not cpu_kernels.serves(x, weight)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        torch.ops.uio_cpu.gemv(torch.randn(9, 32), weight)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 only"):
+        torch.ops.uio_cpu.gemv(x.double(), weight.double())
+
+
+def test_decoding_with_the_kernel_gives_torchs_results(kernel, conformance, test_image, monkeypatch):
+    from uio.runner import ModelRunner
+
+    def run() -> dict:
+        runner = ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
+                             tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False)
+        return runner.run([test_image] * 2, ["what is on the left ?", "describe"], output_text_len=6,
+                          generate_image=True, num_decodes=2)
+
+    with_kernel = run()
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    without = run()
+    for key in ("text_tokens", "image_tokens"):
+        np.testing.assert_array_equal(with_kernel[key], without[key])
+    np.testing.assert_allclose(with_kernel["score"], without["score"], rtol=1e-5)
+
+
+@pytest.fixture
+def never_loaded(monkeypatch):
+    """The module as before any load, on a machine that can run the kernel (builds are stood in for)."""
+    for name, value in (("_loaded", False), ("_failure", None), ("unsupported_reason", lambda: None)):
+        monkeypatch.setattr(cpu_kernels, name, value)
+
+
+def test_a_kernel_that_cannot_build_leaves_torchs_kernels(monkeypatch, caplog, never_loaded):
+    import torch.utils.cpp_extension
+
+    def failing_build(*args, **kwargs):
+        raise RuntimeError("Error building extension 'uio_cpu_kernels'\nc++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
+    with caplog.at_level(logging.WARNING):
+        assert not cpu_kernels.load() and not cpu_kernels.load()  # tried once
+    assert cpu_kernels.failure() == "RuntimeError: c++: command not found"
+    assert caplog.text.count("could not build uio's CPU kernels (RuntimeError: c++: command") == 1
+    assert not cpu_kernels.serves(torch.randn(1, 4), torch.randn(4, 4))
+
+
+@pytest.mark.parametrize("build_seconds, noticed", [(0.3, True), (0.0, False)])
+def test_a_load_that_compiles_says_so(monkeypatch, caplog, build_seconds, noticed, never_loaded):
+    import time
+
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *args, **kwargs: time.sleep(build_seconds))
+    monkeypatch.setattr(cpu_kernels, "COMPILING_NOTICE_AFTER_S", 0.1)
+    with caplog.at_level(logging.WARNING):
+        assert cpu_kernels.load()
+    time.sleep(0.2)  # a notice still pending would have fired by now
+    assert ("compiling uio's CPU kernels (once per machine" in caplog.text) == noticed
+
+
+def test_the_environment_can_turn_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("UIO_CPU_KERNEL", "0")
+    assert cpu_kernels.unsupported_reason() == "UIO_CPU_KERNEL=0"
+
+
+def random_decoder_layer(emb_dim: int, heads: int, head_dim: int, mlp_dim: int, seed: int):
+    """A DecoderLayer with random weights, its projections fused (as models keep them)."""
+    from uio.config import UnifiedIOConfig
+    from uio.model.transformer import DecoderLayer
+
+    torch.manual_seed(seed)
+    layer = DecoderLayer(UnifiedIOConfig(emb_dim=emb_dim, num_heads=heads, head_dim=head_dim, mlp_dim=mlp_dim))
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape) if "norm" in name else torch.randn(p.shape) / p.shape[-1] ** 0.5)
+        layer.self_attention.fuse()
+        layer.encoder_decoder_attention.fuse()
+        layer.mlp.fuse()
+    return layer.requires_grad_(False)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows, examples", [(1, 1), (3, 3), (4, 2), (8, 8), (8, 1)])
+@pytest.mark.parametrize("sizes", [(64, 3, 32, 128), (40, 2, 12, 36)], ids=["tiny", "off-vector-width"])
+def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples, threads):
+    """One decoding step of a layer, by the kernel and by torch, on copies of the same caches: with
+    masked cached keys and encoder positions, a row whose keys are all masked (it attends to all of
+    them uniformly), and keys shared by an example's rows."""
+    from uio.model.transformer import masked
+
+    emb_dim, heads, head_dim, _ = sizes
+    layer = random_decoder_layer(*sizes, seed=rows + examples)
+    length, encoded, position = 11, 13, 6
+    x = 3 * torch.randn(rows, 1, emb_dim)
+    keys, values = (torch.randn(rows, heads, length, head_dim) for _ in range(2))
+    cross_kv = [torch.randn(examples, heads, encoded, head_dim) for _ in range(2)]
+    key_valid = (torch.rand(rows, length) > 0.3) & (torch.arange(length) <= position)
+    key_valid[0] = False  # every key masked
+    self_bias = masked(torch.randn(1, heads, 1, length), key_valid[:, None, None, :])
+    encoder_valid = torch.rand(examples, encoded) > 0.2
+    cross_bias = masked(torch.zeros(()), encoder_valid[:, None, None, :])
+    index = torch.tensor([position])
+
+    def step(enabled: bool) -> tuple[torch.Tensor, ...]:
+        cache = (keys.clone(), values.clone(), index)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        cpu_kernels.enabled = enabled
+        try:
+            assert layer._kernel_serves_step(x, cross_kv, cache) == enabled
+            return layer(x, self_bias, cross_kv, cross_bias, cache), *cache[:2]
+        finally:
+            cpu_kernels.enabled = True
+            torch.set_num_threads(before)
+
+    for got, expected in zip(step(True), step(False)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_layer_kernel_leaves_steps_that_want_gradients_to_torch(kernel):
+    layer = random_decoder_layer(64, 3, 32, 128, seed=0)
+    x, keys, cross_kv = torch.randn(1, 1, 64), torch.zeros(1, 3, 4, 32), [torch.zeros(1, 3, 5, 32)] * 2
+    cache = (keys, keys.clone(), torch.tensor([0]))
+    assert layer._kernel_serves_step(x, cross_kv, cache)
+    layer.mlp.wo.weight.requires_grad_(True)
+    assert not layer._kernel_serves_step(x, cross_kv, cache)  # the kernel has no backward
+    with torch.no_grad():
+        assert layer._kernel_serves_step(x, cross_kv, cache)
+    assert not layer._kernel_serves_step(x.double(), cross_kv, cache)
+    assert not layer._kernel_serves_step(torch.randn(9, 1, 64), cross_kv, cache)  # more rows than it takes
+
+
+def test_decoder_layer_kernel_refuses_what_it_does_not_compute(kernel):
+    layer = random_decoder_layer(64, 3, 32, 128, seed=0)
+    keys, cross = torch.zeros(2, 3, 4, 32), torch.zeros(1, 3, 5, 32)
+    bias = torch.zeros(1, 1, 1, 4)
+
+    def call(x, keys=keys, index=torch.tensor([0])):
+        return cpu_kernels.decoder_layer_step(x, layer.kernel_weights(), (keys, keys.clone(), index), bias,
+                                              (cross, cross), torch.zeros(1, 1, 1, 5), 1e-6)
+
+    assert call(torch.randn(2, 1, 64)).shape == (2, 1, 64)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        call(torch.randn(2, 1, 64).double())
+    with pytest.raises(RuntimeError, match="position 4 outside the cache"):
+        call(torch.randn(2, 1, 64), index=torch.tensor([4]))
+    with pytest.raises(RuntimeError, match=r"keys must be .* \(1 or a divisor of it, 3, length, 32\), got \[2, 3, "):
+        call(torch.randn(1, 1, 64))
+    with pytest.raises(RuntimeError, match=r"got \[2, 3, 4, 32\] \(not contiguous\)"):
+        call(torch.randn(2, 1, 64), keys=torch.zeros(2, 3, 32, 4).transpose(2, 3))
+    with pytest.raises(RuntimeError, match="a row of keys per row of x"):
+        call(torch.randn(4, 1, 64))
