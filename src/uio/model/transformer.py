@@ -541,7 +541,6 @@ class DecoderLayer(nn.Module):
         x = x + cross.attend(q, *cross_kv, cross_bias)
         return x + self.mlp(self.pre_mlp_layer_norm(x))
 
-
     def kernel_weights(self) -> list[Tensor]:
         """The weights :func:`cpu_kernels.decoder_layer_step` takes, in its order."""
         attn, cross, mlp = self.self_attention, self.encoder_decoder_attention, self.mlp
