@@ -178,7 +178,7 @@ def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples
         torch.set_num_threads(threads)
         cpu_kernels.enabled = enabled
         try:
-            assert layer._kernel_serves_step(x, cross_kv, cache) == enabled
+            assert (layer._kernel_weights_for_step(x, cross_kv, cache) is not None) == enabled
             return layer(x, self_bias, cross_kv, cross_bias, cache), *cache[:2]
         finally:
             cpu_kernels.enabled = True
@@ -192,13 +192,15 @@ def test_decoder_layer_kernel_leaves_steps_that_want_gradients_to_torch(kernel):
     layer = random_decoder_layer(64, 3, 32, 128, seed=0)
     x, keys, cross_kv = torch.randn(1, 1, 64), torch.zeros(1, 3, 4, 32), [torch.zeros(1, 3, 5, 32)] * 2
     cache = (keys, keys.clone(), torch.tensor([0]))
-    assert layer._kernel_serves_step(x, cross_kv, cache)
+    assert layer._kernel_weights_for_step(x, cross_kv, cache) is not None
     layer.mlp.wo.weight.requires_grad_(True)
-    assert not layer._kernel_serves_step(x, cross_kv, cache)  # the kernel has no backward
+    assert layer._kernel_weights_for_step(x, cross_kv, cache) is None  # the kernel has no backward
     with torch.no_grad():
-        assert layer._kernel_serves_step(x, cross_kv, cache)
-    assert not layer._kernel_serves_step(x.double(), cross_kv, cache)
-    assert not layer._kernel_serves_step(torch.randn(9, 1, 64), cross_kv, cache)  # more rows than it takes
+        assert layer._kernel_weights_for_step(x, cross_kv, cache) is not None
+    assert layer._kernel_weights_for_step(x.double(), cross_kv, cache) is None
+    assert layer._kernel_weights_for_step(torch.randn(9, 1, 64), cross_kv, cache) is None  # more rows than it takes
+    layer.mlp.wo.weight = torch.nn.Parameter(torch.randn(64, 256)[:, ::2], requires_grad=False)
+    assert layer._kernel_weights_for_step(x, cross_kv, cache) is None  # neither its rows nor columns contiguous
 
 
 def test_decoder_layer_kernel_refuses_what_it_does_not_compute(kernel):

@@ -9,7 +9,7 @@ widened to float32 in registers, so on CPUs without bf16 kernels bf16 steps read
 
 Two operators use it: ``torch.ops.uio_cpu.gemv`` (:func:`gemv`, one product) and
 ``torch.ops.uio_cpu.decoder_layer_step`` (:func:`decoder_layer_step`, a whole float32 decoder layer
-of a step in one call, ~60 torch operations fewer per layer).
+of a step in one call, ~70 torch operations fewer per layer).
 
 :func:`load` compiles them with torch's C++ extension builder (a C++ compiler and ninja needed; ~20-60 s,
 once per machine: torch keeps the build in ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``);
@@ -99,8 +99,18 @@ def serves(x: Tensor, weight: Tensor) -> bool:
     """Whether the loaded kernel computes ``x @ weight.T``: on the CPU, in float32, or in bfloat16 on a
     CPU without bf16 kernels (where torch emulates them; elsewhere oneDNN's are measured to serve),
     at most ``MAX_ROWS`` rows, a weight whose rows or columns are contiguous."""
-    return (_loaded and enabled and x.device.type == "cpu" and x.dtype == weight.dtype and serves_dtype(x.dtype)
-            and x.shape[:-1].numel() <= MAX_ROWS and (weight.stride(0) == 1 or weight.stride(1) == 1))
+    return (_takes(x) and x.dtype == weight.dtype and serves_dtype(x.dtype) and _rows_or_columns_contiguous(weight))
+
+
+def _takes(x: Tensor) -> bool:
+    """What both kernels need of their input: loaded and enabled, on the CPU, at most ``MAX_ROWS``
+    rows, outside ``torch.compile`` (whose graphs use their own kernels)."""
+    return (_loaded and enabled and x.device.type == "cpu" and x.shape[:-1].numel() <= MAX_ROWS
+            and not torch.compiler.is_compiling())
+
+
+def _rows_or_columns_contiguous(weight: Tensor) -> bool:
+    return weight.stride(0) == 1 or weight.stride(-1) == 1
 
 
 def serves_dtype(dtype: torch.dtype) -> bool:
@@ -115,16 +125,14 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-
 def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor]) -> bool:
     """Whether the loaded kernel runs a decoder layer's decoding step (:func:`decoder_layer_step`)
     for ``x`` (rows, 1, dim), these ``weights`` and self- and cross-attention key/value ``caches``:
-    float32 on the CPU, at most ``MAX_ROWS`` rows, contiguous caches, and no gradients wanted (it
-    has no backward)."""
+    float32 on the CPU, at most ``MAX_ROWS`` rows, weights whose rows or columns are contiguous,
+    contiguous caches, and no gradients wanted (it has no backward)."""
     tensors = [x, *weights, *caches]
-    return (_loaded and enabled and x.device.type == "cpu" and x.shape[:-1].numel() <= MAX_ROWS
-            and not torch.compiler.is_compiling() and all(t.dtype == torch.float32 for t in tensors)
-            and all(t.is_contiguous() for t in caches)
+    return (_takes(x) and all(t.dtype == torch.float32 for t in tensors)
+            and all(_rows_or_columns_contiguous(w) for w in weights) and all(t.is_contiguous() for t in caches)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 

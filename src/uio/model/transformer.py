@@ -118,7 +118,7 @@ def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     re-blocks a half-precision weight on every call, and its fp32 kernel for a few rows gains
     nothing from a second thread)."""
     rows = x.shape[:-1].numel()
-    if cpu_kernels.serves(x, weight) and not torch.compiler.is_compiling():
+    if cpu_kernels.serves(x, weight):
         return cpu_kernels.gemv(x, weight)
     if packed is None or rows > PACKED_MAX_ROWS or torch.compiler.is_compiling():
         if rows > EMULATED_BF16_MAX_ROWS and emulates_bf16(x):
@@ -528,8 +528,9 @@ class DecoderLayer(nn.Module):
                 cache: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """Self-attention over ``x`` itself (teacher forcing) or, with ``cache`` = (keys, values,
         index), over the cached keys/values after writing this step's at ``index`` (decoding)."""
-        if self._kernel_serves_step(x, cross_kv, cache):  # the same arithmetic in one call
-            return cpu_kernels.decoder_layer_step(x, self.kernel_weights(), cache, self_bias, cross_kv, cross_bias,
+        kernel_weights = self._kernel_weights_for_step(x, cross_kv, cache)
+        if kernel_weights is not None:  # the same arithmetic in one call
+            return cpu_kernels.decoder_layer_step(x, kernel_weights, cache, self_bias, cross_kv, cross_bias,
                                                   self.pre_mlp_layer_norm.eps)
         attn, cross = self.self_attention, self.encoder_decoder_attention
         q, k, v = attn.project(self.pre_self_attention_layer_norm(x), "qkv")
@@ -541,18 +542,23 @@ class DecoderLayer(nn.Module):
         x = x + cross.attend(q, *cross_kv, cross_bias)
         return x + self.mlp(self.pre_mlp_layer_norm(x))
 
-    def kernel_weights(self) -> list[Tensor]:
-        """The weights :func:`cpu_kernels.decoder_layer_step` takes, in its order."""
+    def kernel_weights(self) -> list[Tensor] | None:
+        """The weights :func:`cpu_kernels.decoder_layer_step` takes, in its order (None before the
+        projections are fused)."""
         attn, cross, mlp = self.self_attention, self.encoder_decoder_attention, self.mlp
+        if attn.fused_qkv is None or cross.fused_qkv is None or mlp.fused_wi is None:
+            return None
         return [self.pre_self_attention_layer_norm.weight, attn.fused_qkv, attn.out.weight,
                 self.pre_cross_attention_layer_norm.weight, cross._fused_rows("q"), cross.out.weight,
                 self.pre_mlp_layer_norm.weight, mlp.fused_wi, mlp.wo.weight]
 
-    def _kernel_serves_step(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], cache: tuple | None) -> bool:
-        """Whether uio's CPU kernel runs this layer's decoding step (needs the fused projections)."""
-        fused = [self.mlp.fused_wi, self.self_attention.fused_qkv, self.encoder_decoder_attention.fused_qkv]
-        return (cache is not None and all(w is not None for w in fused)
-                and cpu_kernels.serves_decoder_layer(x, self.kernel_weights(), [*cache[:2], *cross_kv]))
+    def _kernel_weights_for_step(self, x: Tensor, cross_kv: tuple[Tensor, Tensor],
+                                 cache: tuple | None) -> list[Tensor] | None:
+        """:meth:`kernel_weights` where uio's CPU kernel runs this layer's decoding step, else None."""
+        weights = self.kernel_weights() if cache is not None else None
+        if weights is None or not cpu_kernels.serves_decoder_layer(x, weights, [*cache[:2], *cross_kv]):
+            return None
+        return weights
 
 
 class Decoder(nn.Module):
