@@ -223,3 +223,5 @@ def test_decoder_layer_kernel_refuses_what_it_does_not_compute(kernel):
         call(torch.randn(2, 1, 64), keys=torch.zeros(2, 3, 32, 4).transpose(2, 3))
     with pytest.raises(RuntimeError, match="a row of keys per row of x"):
         call(torch.randn(4, 1, 64))
+    with pytest.raises(RuntimeError, match=r"got \[0, 3, 4, 32\]"):  # not a division by zero
+        call(torch.randn(0, 1, 64), keys=torch.zeros(0, 3, 4, 32))

@@ -186,8 +186,8 @@ void check_weight(const at::Tensor& w, int64_t out, int64_t in, const char* name
 }
 
 void check_cache(const at::Tensor& t, int64_t rows, int64_t heads, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.is_contiguous() && rows % t.size(0) == 0 &&
-                  t.size(1) == heads && t.size(3) == dim,
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.is_contiguous() && t.size(0) > 0 &&
+                  rows % t.size(0) == 0 && t.size(1) == heads && t.size(3) == dim,
               "decoder_layer_step: ", name, " must be contiguous float32 of shape (", rows, " or a divisor of it, ",
               heads, ", length, ", dim, "), got ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
 }
