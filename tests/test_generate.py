@@ -86,6 +86,17 @@ def test_sorted_descending_matches_torch_sort():
     assert torch.equal(generate._sorted_descending(logits), logits.sort(dim=-1, descending=True).values)
 
 
+def test_top_matches_torch_topk_and_keeps_the_first_of_ties():
+    values = torch.randn(3, 1000)
+    for k in (1, 3):
+        expected = values.topk(k, dim=1)
+        got = generate._top(values, k)
+        assert torch.equal(got[0], expected.values) and torch.equal(got[1], expected.indices)
+    tied = torch.tensor([[0.0, 2.0, 1.0, 2.0], [5.0, 5.0, 5.0, 5.0]])
+    top_values, top_index = generate._top(tied, 1)
+    assert top_index.tolist() == [[1], [0]] and top_values.tolist() == [[2.0], [5.0]]
+
+
 def test_sampling_with_tiny_top_p_is_greedy(tiny_model, golden):
     g = golden("generation.npz")
     enc = encode(tiny_model, g, "text/")

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace uio_cpu {
 
@@ -98,8 +99,7 @@ void dot_output_rows(const float* x, int64_t ldx, int64_t rows, const W* w, int6
 }
 
 template <typename W>
-void multiply(const float* xp, int64_t ldx, int64_t rows, const W* wp, const at::Tensor& weight, float* yp,
-              const at::TensorOptions& options) {
+void multiply(const float* xp, int64_t ldx, int64_t rows, const W* wp, const at::Tensor& weight, float* yp) {
   int64_t in = weight.size(1), out = weight.size(0);
   int threads = std::max(1, std::min(at::get_num_threads(), 16));
   if (weight.stride(1) == 1) {  // stored (out, in): each thread computes a block of outputs
@@ -115,8 +115,10 @@ void multiply(const float* xp, int64_t ldx, int64_t rows, const W* wp, const at:
   // thread into y itself), then each adds a block of columns of the copies into y.
   int64_t ldw = weight.stride(1), block = ((in + threads - 1) / threads + 3) / 4 * 4;
   int blocks = static_cast<int>((in + block - 1) / block);
-  at::Tensor partial = at::empty({std::max(blocks - 1, 1), rows, out}, options);
-  float* pp = partial.data_ptr<float>();
+  // Kept from call to call: a step runs dozens of products, each needing this much.
+  static thread_local std::vector<float> partial;
+  partial.resize(std::max(blocks - 1, 1) * rows * out);
+  float* pp = partial.data();
 #pragma omp parallel num_threads(blocks)
   {
     int b = omp_get_thread_num();
@@ -136,11 +138,10 @@ void multiply(const float* xp, int64_t ldx, int64_t rows, const W* wp, const at:
 // y (rows, out) = x (rows, in; row stride ldx) @ weight.T, for a float32 or bfloat16 weight (out, in)
 // whose rows or columns are contiguous.
 inline void product(const float* x, int64_t ldx, int64_t rows, const at::Tensor& weight, float* y) {
-  auto options = at::TensorOptions().dtype(at::kFloat);
   if (weight.scalar_type() == at::kFloat) {
-    multiply(x, ldx, rows, weight.data_ptr<float>(), weight, y, options);
+    multiply(x, ldx, rows, weight.data_ptr<float>(), weight, y);
   } else {
-    multiply(x, ldx, rows, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), weight, y, options);
+    multiply(x, ldx, rows, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), weight, y);
   }
 }
 

@@ -147,7 +147,7 @@ def decoder_layer_step(x: Tensor, weights: list[Tensor], cache: tuple[Tensor, Te
     heads or 1, 1, encoder length) are added to the logits."""
     keys, values, index = cache
     self_norm, qkv, self_out, cross_norm, cross_q, cross_out, mlp_norm, wi, wo = weights
-    y = torch.ops.uio_cpu.decoder_layer_step(x.reshape(-1, x.shape[-1]), self_norm, qkv, self_out, keys, values, index,
-                                             self_bias, cross_norm, cross_q, cross_out, *cross_kv, cross_bias,
-                                             mlp_norm, wi, wo, eps)
-    return y.view(x.shape)
+    # The op takes and returns x's shape: a traced step then records no reshaping around it.
+    return torch.ops.uio_cpu.decoder_layer_step(x, self_norm, qkv, self_out, keys, values, index, self_bias,
+                                                cross_norm, cross_q, cross_out, *cross_kv, cross_bias, mlp_norm, wi,
+                                                wo, eps)

@@ -49,6 +49,18 @@ void rms_norm(const float* x, int64_t rows, int64_t dim, const float* weight, do
 // are left out. (A row with every key masked attends to all of them uniformly, as in the reference.)
 constexpr float kMasked = -1e9f;
 
+// Attention reads each key and value once, from memory (a step streams ~100 MB of weights between
+// two visits of a layer's cache), with a few FMAs per number: the hardware prefetcher alone keeps
+// too few reads in flight. Asking for the key or value this many positions ahead made cross-attention
+// ~20% faster on a 2-core AMD EPYC (2, 4, 8 and 16 gave the same).
+constexpr int64_t kPrefetchKeys = 8;
+
+// Ask for the cache lines holding `bytes` from `row`.
+inline void prefetch(const float* row, int64_t bytes) {
+  auto first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63}, end = reinterpret_cast<uintptr_t>(row) + bytes;
+  for (uintptr_t line = first; line < end; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+}
+
 // logits[j] = q . k_j + bias_j for `length` keys of `dim` values, four keys at a time (independent
 // sums); -inf for masked keys unless `all`. Returns whether some key is not masked.
 bool attention_logits(const float* q, const float* k, const float* bias, int64_t bias_stride, int64_t length,
@@ -75,6 +87,7 @@ bool attention_logits(const float* q, const float* k, const float* bias, int64_t
       logits[j] = -INFINITY;
       continue;
     }
+    if (j + kPrefetchKeys < length) prefetch(k + (j + kPrefetchKeys) * dim, dim * sizeof(float));
     keys[pending++] = j;
     ++computed;
     if (pending == 4) {
@@ -113,6 +126,7 @@ void attend_one(const float* q, const float* k, const float* v, const float* bia
       float weight = logits[j];
       if (weight == 0.0f) continue;  // masked keys
       const float* vj = v + j * dim + c;
+      if (j + kPrefetchKeys < length) prefetch(vj + kPrefetchKeys * dim, width * sizeof(float));
       __m256 w = _mm256_set1_ps(weight);
       for (int m = 0; m < 8; ++m) {
         if (m < vectors) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * m), acc[m]);
@@ -198,8 +212,8 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
                               const at::Tensor& cross_out, const at::Tensor& cross_keys,
                               const at::Tensor& cross_values, const at::Tensor& cross_bias,
                               const at::Tensor& mlp_norm, const at::Tensor& wi, const at::Tensor& wo, double eps) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decoder_layer_step: x must be float32 (rows, dim)");
-  int64_t rows = x_in.size(0), width = x_in.size(1), heads = keys.size(1), dim = keys.size(3);
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "decoder_layer_step: x must be float32 (..., dim)");
+  int64_t width = x_in.size(-1), rows = width > 0 ? x_in.numel() / width : 0, heads = keys.size(1), dim = keys.size(3);
   int64_t inner = heads * dim, hidden = wo.size(1), length = keys.size(2);
   TORCH_CHECK(rows <= kMaxRows, "decoder_layer_step: at most 8 rows");
   check_cache(keys, rows, heads, dim, "keys");
@@ -224,12 +238,14 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   at::Tensor self_bias4 = self_bias.to(at::kFloat).expand({rows, heads, 1, length});
   at::Tensor cross_bias4 = cross_bias.to(at::kFloat).expand({cross_keys.size(0), heads, 1, cross_keys.size(2)});
 
-  at::Tensor y = x_in.contiguous().clone();
-  auto buffer = [&](int64_t columns) { return at::empty({rows, columns}, y.options()); };
-  at::Tensor normed = buffer(width), projected = buffer(std::max(3 * inner, 2 * hidden)), attended = buffer(inner);
-  at::Tensor scratch = buffer(width), activated = buffer(hidden);
-  float *yp = y.data_ptr<float>(), *np = normed.data_ptr<float>(), *pp = projected.data_ptr<float>();
-  float *ap = attended.data_ptr<float>(), *sp = scratch.data_ptr<float>();
+  // One allocation for the output and every intermediate (a step runs this for each layer).
+  int64_t projected_width = std::max(3 * inner, 2 * hidden);
+  at::Tensor memory = at::empty({rows * (3 * width + projected_width + inner + hidden)}, x_in.options());
+  at::Tensor y = memory.narrow(0, 0, rows * width).view(x_in.sizes());
+  float* yp = y.data_ptr<float>();
+  float *np = yp + rows * width, *sp = np + rows * width, *pp = sp + rows * width;
+  float *ap = pp + rows * projected_width, *activated = ap + rows * inner;
+  std::memcpy(yp, x_in.contiguous().data_ptr<float>(), rows * width * sizeof(float));
 
   rms_norm(yp, rows, width, self_norm.data_ptr<float>(), eps, np);
   product(np, width, rows, qkv, pp);
@@ -251,8 +267,8 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
 
   rms_norm(yp, rows, width, mlp_norm.data_ptr<float>(), eps, np);
   product(np, width, rows, wi, pp);
-  gated_gelu(pp, rows, hidden, activated.data_ptr<float>());
-  add_product(activated.data_ptr<float>(), rows, wo, sp, yp);
+  gated_gelu(pp, rows, hidden, activated);
+  add_product(activated, rows, wo, sp, yp);
   return y;
 }
 
