@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from uio import checkpoint, cli, draw
+from uio.model import cpu_kernels
 from uio.runner import ModelRunner
 
 
@@ -292,5 +293,7 @@ def test_runner_options_reach_the_runner(model_args, image_path):
 
     parse = lambda *extra: cli.build_parser().parse_args(["vqa", image_path, "what ?", *model_args, *extra])  # noqa: E731
     assert cli.load_runner(parse("--no-prepack")).model.packed_weights() == []
-    assert bool(cli.load_runner(parse()).model.packed_weights()) == packed_matmul_supported(torch.float32)
+    assert bool(cli.load_runner(parse("--prepack")).model.packed_weights()) == packed_matmul_supported(torch.float32)
+    by_default = packed_matmul_supported(torch.float32) and not cpu_kernels.in_use(torch.float32)
+    assert bool(cli.load_runner(parse()).model.packed_weights()) == by_default
     assert cli.load_runner(parse("--stop-at-eos")).stop_at_eos and not cli.load_runner(parse()).stop_at_eos

@@ -32,7 +32,7 @@ def stored_in_out(out_features: int, in_features: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 32])
 @pytest.mark.parametrize("layout", ["in-out", "out-in", "in-out rows of a wider matrix", "out-in rows of a table"])
 def test_kernel_computes_x_times_weight_transposed(kernel, layout, rows, threads, dtype):
     torch.manual_seed(rows)
@@ -65,30 +65,40 @@ def test_kernel_handles_sizes_off_its_vector_width(kernel, out_features, in_feat
 def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
     weight, x = stored_in_out(64, 32), torch.randn(8, 32)
     assert cpu_kernels.serves(x, weight) and cpu_kernels.serves(x[:1], weight.T.contiguous().T)
-    assert not cpu_kernels.serves(torch.randn(9, 32), weight)  # more rows than a decoding step's
+    assert cpu_kernels.serves(torch.randn(cpu_kernels.MAX_ROWS, 32), weight)
+    assert not cpu_kernels.serves(torch.randn(cpu_kernels.MAX_ROWS + 1, 32), weight)
     assert cpu_kernels.serves(x.bfloat16(), weight.bfloat16()) != cpu_has_bf16_kernels()  # oneDNN's serve there
     assert not cpu_kernels.serves(x.double(), weight.double())
     assert not cpu_kernels.serves(x, torch.randn(64, 64)[:, ::2])  # neither rows nor columns contiguous
     monkeypatch.setattr(cpu_kernels, "enabled", False)
     assert not cpu_kernels.serves(x, weight)
-    with pytest.raises(RuntimeError, match="at most 8 rows"):
-        torch.ops.uio_cpu.gemv(torch.randn(9, 32), weight)
+    with pytest.raises(RuntimeError, match=f"at most {cpu_kernels.MAX_ROWS} rows"):
+        torch.ops.uio_cpu.gemv(torch.randn(cpu_kernels.MAX_ROWS + 1, 32), weight)
     with pytest.raises(RuntimeError, match="float32 or bfloat16 only"):
         torch.ops.uio_cpu.gemv(x.double(), weight.double())
 
 
-def test_decoding_with_the_kernel_gives_torchs_results(kernel, conformance, test_image, monkeypatch):
+@pytest.mark.parametrize("examples", [2, 5])  # 4 and 10 rows a step
+def test_decoding_with_the_kernel_gives_torchs_results(kernel, conformance, test_image, monkeypatch, examples):
+    """Same outputs; and runners keep packed weight copies by default only where the kernels do not
+    serve their steps."""
+    from uio.model.transformer import packed_matmul_supported
     from uio.runner import ModelRunner
 
-    def run() -> dict:
+    def run(**kwargs) -> tuple[dict, bool]:
         runner = ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
-                             tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False)
-        return runner.run([test_image] * 2, ["what is on the left ?", "describe"], output_text_len=6,
-                          generate_image=True, num_decodes=2)
+                             tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False, **kwargs)
+        prompts = ["what is on the left ?", "describe"] * examples
+        return (runner.run([test_image] * examples, prompts[:examples], output_text_len=6, generate_image=True,
+                           num_decodes=2), bool(runner.model.packed_weights()))
 
-    with_kernel = run()
+    with_kernel, packed = run()
+    assert not packed
     monkeypatch.setattr(cpu_kernels, "enabled", False)
-    without = run()
+    without, packed = run()
+    assert packed == packed_matmul_supported(torch.float32)
+    monkeypatch.setattr(cpu_kernels, "enabled", True)
+    assert run(prepack=True)[1] == packed_matmul_supported(torch.float32)
     for key in ("text_tokens", "image_tokens"):
         np.testing.assert_array_equal(with_kernel[key], without[key])
     np.testing.assert_allclose(with_kernel["score"], without["score"], rtol=1e-5)
@@ -151,7 +161,7 @@ def random_decoder_layer(emb_dim: int, heads: int, head_dim: int, mlp_dim: int, 
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows, examples", [(1, 1), (3, 3), (4, 2), (8, 8), (8, 1)])
+@pytest.mark.parametrize("rows, examples", [(1, 1), (3, 3), (4, 2), (8, 8), (8, 1), (32, 16)])
 @pytest.mark.parametrize("sizes", [(64, 3, 32, 128), (40, 2, 12, 36)], ids=["tiny", "off-vector-width"])
 def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples, threads):
     """One decoding step of a layer, by the kernel and by torch, on copies of the same caches: with

@@ -659,9 +659,9 @@ def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]
     search.add_argument("--sample", dest="beam_search", action="store_const", const=False,
                         help="decode by top-p sampling (default for image outputs and pose)")
     group.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
-    group.add_argument("--no-prepack", dest="prepack", action="store_false",
-                       help="on the CPU, keep no packed copies of the decoder's weights: less memory, slower "
-                            "decoding of more than 8 rows at a time (or of any, without uio's CPU kernel)")
+    group.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                       help="on the CPU, keep packed copies of the decoder's weights: more memory, faster "
+                            "decoding (default: only without uio's CPU kernels, which serve up to 32 rows at a time)")
     group.add_argument("--stop-at-eos", action="store_true",
                        help="stop decoding text once it has ended: faster short answers, same text, scores "
                             "count only the steps run (default: decode every step, as the original)")

@@ -71,14 +71,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, prepack: bool = True) -> UnifiedIO:
+                dtype: torch.dtype = torch.float32, prepack: bool | None = None) -> UnifiedIO:
     """Build the network for ``size`` (a size name or config JSON) and load ``param_file`` into it.
 
     The VQGAN runs in bf16 when ``dtype`` is bf16 (its decoded images stay within ~58 dB PSNR of
     fp32, measured by ``benchmarks/bench_vqgan.py``), except on a CPU without bf16 kernels (see
     :func:`~uio.model.hardware.computes_natively`), and in fp32 otherwise. With ``prepack``, a CPU
     model also keeps packed copies of the weights a decoding step reads, for faster steps
-    (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them). CPU models replay
+    (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them); by default (None) only
+    where uio's CPU kernels do not serve ``dtype``, as they serve those steps instead. CPU models replay
     their decoding steps from traces (:meth:`UnifiedIO.enable_step_traces`; turn them off with
     ``model.step_traces = None``), CUDA models from CUDA graphs (:class:`~uio.model.transformer.StepGraphs`;
     ``model.cuda_graphs = False`` turns them off).
@@ -94,11 +95,14 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     native_bf16 = computes_natively(torch.bfloat16, device)
     if dtype == torch.bfloat16 and not native_bf16:
         kernel = cpu_kernels.available()
-        speed = ("decoding steps of up to 8 rows run uio's CPU kernel (half the bytes of fp32)" if kernel
+        speed = (f"decoding steps of up to {cpu_kernels.MAX_ROWS} rows run uio's CPU kernel (half the bytes of fp32)"
+                 if kernel
                  else "decoding one example at a time is faster than in fp32, batches slower")
         log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): bf16 halves the weights' memory and %s; "
                     "the VQGAN stays in fp32", speed)
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 and native_bf16 else torch.float32)
+    if prepack is None:
+        prepack = not (device.type == "cpu" and cpu_kernels.in_use(dtype))
     if prepack and device.type == "cpu" and packed_matmul_supported(dtype):
         model.prepack_decoder()
     model.keeps_packed = prepack  # also once converted (.to()) to a dtype and device packed there
@@ -124,9 +128,10 @@ class ModelRunner:
     :param dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` for the transformer
     :param seed: seed of the sampler used by image tasks (sampling is deterministic per call)
     :param prepack: on the CPU, keep oneDNN-packed copies of the weights a decoding step reads
-        (faster steps, for a third (small) to a half (xl) more weight memory; see :func:`build_model`);
-        pass False where memory is tight. Where uio's CPU kernels are loaded (:mod:`uio.model.cpu_kernels`)
-        they serve steps of up to 8 rows and the copies only steps of 9-64 rows
+        (faster steps, for a third (small) to a half (xl) more weight memory; see :func:`build_model`).
+        By default (None) only where uio's CPU kernels (:mod:`uio.model.cpu_kernels`) are not loaded
+        or do not serve the dtype: they serve steps of up to 32 rows, where they are as fast as the
+        copies or faster; True keeps them anyway (steps of 33-64 rows ~10% faster)
     :param stop_at_eos: stop decoding text once every sequence has emitted EOS (text outputs
         only). The reference always decodes ``output_text_len`` steps and scores them all: the
         text is the same, but scores count only the steps run, so beams may rank differently.
@@ -136,7 +141,7 @@ class ModelRunner:
     def __init__(self, size: str | os.PathLike, param_file: str | os.PathLike, pad_input_to_max: bool | None = None,
                  max_input_len: int = 64, max_options: int = 800, compiled: bool = False, log_inputs: bool = True,
                  *, tokenizer: str | os.PathLike | T5Tokenizer | None = None, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, seed: int = 0, prepack: bool = True,
+                 dtype: str | torch.dtype | None = None, seed: int = 0, prepack: bool | None = None,
                  stop_at_eos: bool = False):
         # Before any loading: bad arguments fail at once.
         device, dtype = resolve_device(device), resolve_dtype(dtype)
@@ -151,7 +156,7 @@ class ModelRunner:
         self.stop_at_eos = stop_at_eos
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
-        self.model = build_model(size, param_file, device, dtype, prepack=prepack and not compiled)
+        self.model = build_model(size, param_file, device, dtype, prepack=False if compiled else prepack)
         if compiled:
             self.model.enable_compile()
 

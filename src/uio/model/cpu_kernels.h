@@ -17,7 +17,7 @@
 
 namespace uio_cpu {
 
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 32;
 
 // Eight weights as float32: loaded, or widened from bfloat16 (its bits are a float32's upper half).
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }

@@ -215,7 +215,7 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "decoder_layer_step: x must be float32 (..., dim)");
   int64_t width = x_in.size(-1), rows = width > 0 ? x_in.numel() / width : 0, heads = keys.size(1), dim = keys.size(3);
   int64_t inner = heads * dim, hidden = wo.size(1), length = keys.size(2);
-  TORCH_CHECK(rows <= kMaxRows, "decoder_layer_step: at most 8 rows");
+  TORCH_CHECK(rows <= kMaxRows, "decoder_layer_step: at most ", kMaxRows, " rows");
   check_cache(keys, rows, heads, dim, "keys");
   check_cache(values, rows, heads, dim, "values");
   check_cache(cross_keys, rows, heads, dim, "cross_keys");

@@ -12,7 +12,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "gemv: float32 or bfloat16 only, x and weight alike");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "gemv: at most 8 rows");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "gemv: at most ", kMaxRows, " rows");
   TORCH_CHECK(weight.stride(0) == 1 || weight.stride(1) == 1, "gemv: weight rows or columns must be contiguous");
   at::Tensor x32 = x.to(at::kFloat).contiguous();  // a few rows: widened once
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x32.options());
