@@ -549,7 +549,7 @@ class DecoderLayer(nn.Module):
         if attn.fused_qkv is None or cross.fused_qkv is None or mlp.fused_wi is None:
             return None
         return [self.pre_self_attention_layer_norm.weight, attn.fused_qkv, attn.out.weight,
-                self.pre_cross_attention_layer_norm.weight, cross.query.weight, cross.out.weight,
+                self.pre_cross_attention_layer_norm.weight, cross._fused_rows("q"), cross.out.weight,
                 self.pre_mlp_layer_norm.weight, mlp.fused_wi, mlp.wo.weight]
 
     def _kernel_weights_for_step(self, x: Tensor, cross_kv: tuple[Tensor, Tensor],
@@ -1004,7 +1004,7 @@ def _decode_step(model: "UnifiedIO", keys: list[Tensor], values: list[Tensor], k
 class StepTraces:
     """TorchScript traces of :func:`_decode_step`, replayed in place of running it from Python.
 
-    Eager PyTorch returns to Python between a step's ~600 small operations (~65 for ``small`` where
+    Eager PyTorch returns to Python between a step's ~600 small operations (~75 for ``small`` where
     uio's CPU kernel runs each fp32 layer in one call); a trace runs the same kernels on the same
     tensors from TorchScript's C++ interpreter, so logits and caches are bit-identical and a CPU
     step without that kernel is ~18% (fp32) to ~25% (bf16) faster. Tracing records the
