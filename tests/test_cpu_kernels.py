@@ -55,9 +55,10 @@ def test_kernel_computes_x_times_weight_transposed(kernel, layout, rows, threads
     torch.testing.assert_close(got, expected, **tolerance)
 
 
+@pytest.mark.parametrize("rows", [3, 5])  # a row at a time; tiles of rows
 @pytest.mark.parametrize("out_features, in_features", [(13, 37), (9, 5), (1, 3), (40, 70)])
-def test_kernel_handles_sizes_off_its_vector_width(kernel, out_features, in_features):
-    x = torch.randn(3, in_features)
+def test_kernel_handles_sizes_off_its_vector_width(kernel, out_features, in_features, rows):
+    x = torch.randn(rows, in_features)
     for weight in (stored_in_out(out_features, in_features), torch.randn(out_features, in_features)):
         torch.testing.assert_close(kernel(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
 

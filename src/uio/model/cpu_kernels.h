@@ -18,6 +18,10 @@
 namespace uio_cpu {
 
 constexpr int64_t kMaxRows = 32;
+// From this many rows on, products share each loaded weight vector between rows (tiles): with more
+// rows the loads, not the memory, bound them (on a 2-core AMD EPYC, 16-32 rows 10-25% faster, 8
+// even); with fewer, one weight stream at a time reads faster (2 rows: tiles 5-10% slower).
+constexpr int64_t kTiledRows = 4;
 
 // Eight weights as float32: loaded, or widened from bfloat16 (its bits are a float32's upper half).
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
@@ -33,31 +37,48 @@ inline float value(uint16_t w) {
   return f;
 }
 
+// y[r, :] += x[r, i..i+3] . w[i..i+3, :] for R (1 or 2) rows at once: each weight vector is loaded
+// once for both rows (6 loads per 8 FMAs instead of 10). Every y value gets the same four FMAs in
+// the same order either way. (Not inlined, one row took 5-9% longer.)
+template <int R, typename W>
+__attribute__((always_inline)) inline void accumulate_four_rows(const float* x, int64_t ldx, const W* w, int64_t ldw,
+                                                                 int64_t out, int64_t i, float* y) {
+  const W *w0 = w + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+  int64_t vector_end = out - out % 8;
+  __m256 xs[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < 4; ++m) xs[r][m] = _mm256_set1_ps(x[r * ldx + i + m]);
+  }
+  for (int64_t j = 0; j < vector_end; j += 8) {
+    __m256 v0 = load8(w0 + j), v1 = load8(w1 + j), v2 = load8(w2 + j), v3 = load8(w3 + j);
+    for (int r = 0; r < R; ++r) {
+      __m256 acc = _mm256_loadu_ps(y + r * out + j);
+      acc = _mm256_fmadd_ps(xs[r][0], v0, acc);
+      acc = _mm256_fmadd_ps(xs[r][1], v1, acc);
+      acc = _mm256_fmadd_ps(xs[r][2], v2, acc);
+      acc = _mm256_fmadd_ps(xs[r][3], v3, acc);
+      _mm256_storeu_ps(y + r * out + j, acc);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* xr = x + r * ldx + i;
+    for (int64_t j = vector_end; j < out; ++j) {
+      y[r * out + j] += xr[0] * value(w0[j]) + xr[1] * value(w1[j]) + xr[2] * value(w2[j]) + xr[3] * value(w3[j]);
+    }
+  }
+}
+
 // y[r, :] += sum over i in [i0, i1) of x[r, i] * w[i, :]   (w: in rows of `out` values, row stride ldw)
 template <typename W>
 void accumulate_input_rows(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t out,
                            int64_t i0, int64_t i1, float* y) {
-  int64_t vector_end = out - out % 8;
   int64_t i = i0;
   for (; i + 4 <= i1; i += 4) {  // four weight rows per pass over y: a quarter of the y traffic
-    const W *w0 = w + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * ldx + i;
-      __m256 x0 = _mm256_set1_ps(xr[0]), x1 = _mm256_set1_ps(xr[1]);
-      __m256 x2 = _mm256_set1_ps(xr[2]), x3 = _mm256_set1_ps(xr[3]);
-      float* yr = y + r * out;
-      for (int64_t j = 0; j < vector_end; j += 8) {
-        __m256 acc = _mm256_loadu_ps(yr + j);
-        acc = _mm256_fmadd_ps(x0, load8(w0 + j), acc);
-        acc = _mm256_fmadd_ps(x1, load8(w1 + j), acc);
-        acc = _mm256_fmadd_ps(x2, load8(w2 + j), acc);
-        acc = _mm256_fmadd_ps(x3, load8(w3 + j), acc);
-        _mm256_storeu_ps(yr + j, acc);
-      }
-      for (int64_t j = vector_end; j < out; ++j) {
-        yr[j] += xr[0] * value(w0[j]) + xr[1] * value(w1[j]) + xr[2] * value(w2[j]) + xr[3] * value(w3[j]);
-      }
+    int64_t r = 0;
+    if (rows >= kTiledRows) {
+      for (; r + 2 <= rows; r += 2) accumulate_four_rows<2>(x + r * ldx, ldx, w, ldw, out, i, y + r * out);
     }
+    for (; r < rows; ++r) accumulate_four_rows<1>(x + r * ldx, ldx, w, ldw, out, i, y + r * out);
   }
   for (; i < i1; ++i) {
     const W* wi = w + i * ldw;
@@ -75,10 +96,50 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// y[r, o] = dot(x[r, :], w[o, :]) for R rows and O outputs at once, one sum of 8 lanes each (R * O
+// independent sums): each vector of x and of w is loaded once for all the products it enters, where
+// a row and an output at a time load both for each FMA.
+template <int R, int O, typename W>
+void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t in, float* y, int64_t out) {
+  int64_t vector_end = in - in % 8;
+  __m256 acc[R][O];
+  for (int r = 0; r < R; ++r) {
+    for (int o = 0; o < O; ++o) acc[r][o] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < vector_end; k += 8) {
+    __m256 ws[O];
+    for (int o = 0; o < O; ++o) ws[o] = load8(w + o * ldw + k);
+    for (int r = 0; r < R; ++r) {
+      __m256 xr = _mm256_loadu_ps(x + r * ldx + k);
+      for (int o = 0; o < O; ++o) acc[r][o] = _mm256_fmadd_ps(xr, ws[o], acc[r][o]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int o = 0; o < O; ++o) {
+      float sum = horizontal_sum(acc[r][o]);
+      for (int64_t k = vector_end; k < in; ++k) sum += x[r * ldx + k] * value(w[o * ldw + k]);
+      y[r * out + o] = sum;
+    }
+  }
+}
+
 // y[r, o] = dot(x[r, :], w[o, :]) for o in [o0, o1)   (w: out rows of `in` values, row stride ldw)
 template <typename W>
 void dot_output_rows(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t in,
                      int64_t o0, int64_t o1, float* y, int64_t out) {
+  if (rows >= kTiledRows) {  // tiles of 2 rows x 4 outputs (the rest: 1 row, 1 output)
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+      int64_t r = 0;
+      for (; r + 2 <= rows; r += 2) dot_tile<2, 4>(x + r * ldx, ldx, w + o * ldw, ldw, in, y + r * out + o, out);
+      if (r < rows) dot_tile<1, 4>(x + r * ldx, ldx, w + o * ldw, ldw, in, y + r * out + o, out);
+    }
+    for (; o < o1; ++o) {
+      for (int64_t r = 0; r < rows; ++r) dot_tile<1, 1>(x + r * ldx, ldx, w + o * ldw, ldw, in, y + r * out + o, out);
+    }
+    return;
+  }
+  // A weight row at a time (one stream through the weight), with four sums over it per row of x.
   int64_t vector_end = in - in % 32;
   for (int64_t o = o0; o < o1; ++o) {
     const W* wo = w + o * ldw;
