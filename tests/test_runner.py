@@ -254,15 +254,19 @@ def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image,
 
 def test_converted_models_keep_the_packing_asked_for(conformance):
     """``prepack`` holds through ``.to()``: a model is packed whenever it lands on a dtype and
-    device packed there, even when loaded on one that is not; never with ``prepack=False``."""
+    device packed there, even when loaded on one that is not; never with ``prepack=False``; by
+    default where uio's CPU kernels do not serve that dtype's steps."""
+    from uio.model import cpu_kernels
     from uio.model.transformer import packed_matmul_supported
 
     if not packed_matmul_supported(torch.float32):
         pytest.skip("this CPU has no oneDNN packed matmul for fp32")
-    model = make_runner(conformance, dtype="fp16").model  # fp16 is never packed
+    model = make_runner(conformance, dtype="fp16", prepack=True).model  # fp16 is never packed
     assert model.packed_weights() == [] and model.to(torch.float32).packed_weights()
     plain = make_runner(conformance, prepack=False).model
     assert plain.to(torch.float64).to(torch.float32).packed_weights() == []
+    by_default = make_runner(conformance, dtype="fp16").model.to(torch.float32)
+    assert bool(by_default.packed_weights()) == (not cpu_kernels.in_use(torch.float32))
 
 
 def test_a_converted_model_runs_with_inputs_in_its_dtype(conformance, runner, test_image):

@@ -86,6 +86,13 @@ def packed_matmul_supported(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and cpu_has_bf16_kernels()
 
 
+def wants_packed_copies(keep: bool | None, dtype: torch.dtype) -> bool:
+    """Whether a CPU model in ``dtype`` keeps packed weight copies for its decoding steps: ``keep``,
+    or by default (None) where uio's CPU kernels do not serve them (they serve steps of up to
+    ``cpu_kernels.MAX_ROWS`` rows as fast as the copies or faster, without their memory)."""
+    return not cpu_kernels.in_use(dtype) if keep is None else keep
+
+
 def pack_weight(weight: Tensor, rows: int = PACKED_BLOCKING_ROWS) -> Tensor:
     """oneDNN's prepacked copy of a linear weight, for :func:`linear`, blocked for ``rows`` input rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
@@ -637,7 +644,9 @@ class UnifiedIO(nn.Module):
         self.step_traces: StepTraces | None = None  # see enable_step_traces
         self.cuda_graphs = False  # replay decoding steps from CUDA graphs (see StepGraphs, GraphedCaches)
         self.packed_output_rows: dict[bool, Tensor] = {}  # is_image -> packed rows; see prepack_decoder
-        self.keeps_packed = False  # (re)pack the decoder whenever .to() lands where packing is supported
+        # (Re)pack the decoder whenever .to() lands where packing is supported; None: where, moreover,
+        # uio's CPU kernels do not serve the steps (see wants_packed_copies).
+        self.keeps_packed: bool | None = False
         self.graphed_caches = GraphedCaches()  # decoder caches kept with their CUDA graphs
 
     def fuse_projections(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -731,7 +740,7 @@ class UnifiedIO(nn.Module):
             self.fuse_projections()
         weight = self.token_embedder.weight
         on_cpu = weight.device.type == "cpu"
-        if packed and on_cpu and packed_matmul_supported(weight.dtype):
+        if on_cpu and packed_matmul_supported(weight.dtype) and wants_packed_copies(packed, weight.dtype):
             self.prepack_decoder()
         self.keeps_packed = packed
         # As the runner builds models: traced steps on the CPU, CUDA graphs on a GPU.
