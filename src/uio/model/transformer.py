@@ -119,8 +119,8 @@ class WeightPacker:
 
 
 def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight)``; for float32 inputs of up to 8 rows on the CPU by uio's kernel where it
-    is loaded (:mod:`uio.model.cpu_kernels`, ~1.8x faster), else through ``packed`` (:func:`pack_weight` of
+    """``F.linear(x, weight)``; for inputs of up to ``cpu_kernels.MAX_ROWS`` rows on the CPU by uio's kernel
+    where it serves them (:mod:`uio.model.cpu_kernels`, ~1.8x faster), else through ``packed`` (:func:`pack_weight` of
     ``weight``) for inputs of a few rows: on the CPU that is 1.5-2.5x faster (the plain matmul
     re-blocks a half-precision weight on every call, and its fp32 kernel for a few rows gains
     nothing from a second thread)."""
