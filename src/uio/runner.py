@@ -94,9 +94,8 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
     native_bf16 = computes_natively(torch.bfloat16, device)
     if dtype == torch.bfloat16 and not native_bf16:
-        kernel = cpu_kernels.available()
         speed = (f"decoding steps of up to {cpu_kernels.MAX_ROWS} rows run uio's CPU kernel (half the bytes of fp32)"
-                 if kernel
+                 if cpu_kernels.in_use(dtype)
                  else "decoding one example at a time is faster than in fp32, batches slower")
         log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): bf16 halves the weights' memory and %s; "
                     "the VQGAN stays in fp32", speed)
