@@ -25,6 +25,7 @@ import msgpack
 import torch
 import numpy as np
 
+from .model import memory
 from .model.transformer import empty_weight
 from .tree import nest_paths
 
@@ -322,8 +323,9 @@ def _placed_leaf(path: str, leaf: np.ndarray | torch.Tensor, dtype: torch.dtype,
                  device: str | torch.device) -> torch.Tensor:
     """One leaf converted for the model: torch layout, ``dtype``, ``device``, contiguous."""
     tensor = to_torch_layout(path, _as_tensor(leaf))
-    # One allocation per leaf: a second, freed one would stay in the allocator's heap.
-    return tensor.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    # One allocation per leaf (a second, freed one would stay in the allocator's heap), in huge
+    # pages on the CPU for large ones (the output embedding: see uio.model.memory).
+    return memory.empty(tuple(tensor.shape), dtype, device).copy_(tensor)
 
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "F64": np.float64, "I32": np.int32,

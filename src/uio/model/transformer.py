@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UnifiedIOConfig
-from . import cpu_kernels
+from . import cpu_kernels, memory
 from .embedding import Embedding
 from .hardware import computes_natively, cpu_has_bf16_kernels
 
@@ -165,8 +165,8 @@ def stores_transposed(dtype: torch.dtype) -> bool:
 def empty_weight(out_features: int, in_features: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
     """An uninitialised (out, in) weight in the layout :func:`stores_transposed` picks for ``dtype``."""
     if stores_transposed(dtype):
-        return torch.empty(in_features, out_features, device=device, dtype=dtype).T
-    return torch.empty(out_features, in_features, device=device, dtype=dtype)
+        return memory.empty((in_features, out_features), dtype, device).T
+    return memory.empty((out_features, in_features), dtype, device)
 
 
 def in_stored_layout(weight: Tensor) -> bool:
