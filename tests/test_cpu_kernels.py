@@ -105,6 +105,35 @@ def test_decoding_with_the_kernel_gives_torchs_results(kernel, conformance, test
     np.testing.assert_allclose(with_kernel["score"], without["score"], rtol=1e-5)
 
 
+def test_bf16_decoding_with_the_layer_kernel_gives_torchs_bf16_layers_results(kernel, conformance, test_image,
+                                                                              monkeypatch):
+    """bf16 steps run the layer kernel, rounding as torch's bf16 layers do: the same beams' text.
+    (Sampled image tokens may part where a rare bf16 ulp of difference moves a draw: 0.6% of them.)"""
+    from uio.runner import ModelRunner
+
+    skip_unless_layer_kernel_serves(torch.bfloat16)
+    layer_step, serves_layer = cpu_kernels.decoder_layer_step, cpu_kernels.serves_decoder_layer
+    kernel_steps = []
+    monkeypatch.setattr(cpu_kernels, "decoder_layer_step", lambda x, *args: kernel_steps.append(x.dtype)
+                        or layer_step(x, *args))
+
+    def run() -> dict:
+        runner = ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin", dtype="bf16",
+                             tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False)
+        return runner.run([test_image] * 3, ["what is on the left ?", "describe", "what is it ?"], output_text_len=12,
+                          num_decodes=2)
+
+    with_kernel = run()
+    assert kernel_steps and set(kernel_steps) == {torch.bfloat16}
+    monkeypatch.setattr(cpu_kernels, "serves_decoder_layer", lambda x, *args: x.dtype == torch.float32
+                        and serves_layer(x, *args))
+    kernel_steps.clear()
+    with_torch = run()
+    assert not kernel_steps
+    np.testing.assert_array_equal(with_kernel["text_tokens"], with_torch["text_tokens"])
+    np.testing.assert_allclose(with_kernel["score"], with_torch["score"], rtol=1e-2)
+
+
 @pytest.fixture
 def never_loaded(monkeypatch):
     """The module as before any load, on a machine that can run the kernel (builds are stood in for)."""
@@ -145,8 +174,9 @@ def test_the_environment_can_turn_the_kernel_off(monkeypatch):
     assert cpu_kernels.unsupported_reason() == "UIO_CPU_KERNEL=0"
 
 
-def random_decoder_layer(emb_dim: int, heads: int, head_dim: int, mlp_dim: int, seed: int):
-    """A DecoderLayer with random weights, its projections fused (as models keep them)."""
+def random_decoder_layer(emb_dim: int, heads: int, head_dim: int, mlp_dim: int, seed: int,
+                         dtype: torch.dtype = torch.float32):
+    """A DecoderLayer with random weights in ``dtype``, its projections fused (as models keep them)."""
     from uio.config import UnifiedIOConfig
     from uio.model.transformer import DecoderLayer
 
@@ -155,25 +185,35 @@ def random_decoder_layer(emb_dim: int, heads: int, head_dim: int, mlp_dim: int, 
     with torch.no_grad():
         for name, p in layer.named_parameters():
             p.copy_(1 + 0.2 * torch.randn(p.shape) if "norm" in name else torch.randn(p.shape) / p.shape[-1] ** 0.5)
+        layer.to(dtype)
         layer.self_attention.fuse()
         layer.encoder_decoder_attention.fuse()
         layer.mlp.fuse()
     return layer.requires_grad_(False)
 
 
+def skip_unless_layer_kernel_serves(dtype: torch.dtype) -> None:
+    if not cpu_kernels.serves_dtype(dtype):
+        pytest.skip(f"this CPU has {dtype} kernels of its own: uio's kernels do not serve {dtype} steps")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows, examples", [(1, 1), (3, 3), (4, 2), (8, 8), (8, 1), (32, 16)])
 @pytest.mark.parametrize("sizes", [(64, 3, 32, 128), (40, 2, 12, 36)], ids=["tiny", "off-vector-width"])
-def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples, threads):
+def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples, threads, dtype):
     """One decoding step of a layer, by the kernel and by torch, on copies of the same caches: with
     masked cached keys and encoder positions, a row whose keys are all masked (it attends to all of
-    them uniformly), and keys shared by an example's rows."""
+    them uniformly), and keys shared by an example's rows. In bf16 (float32 caches, as models keep
+    them on the CPU) both round each operation's output to bf16: they agree up to a rare bf16 ulp
+    where float32 roundings before it differ (the norm's, the attention's)."""
     from uio.model.transformer import masked
 
+    skip_unless_layer_kernel_serves(dtype)
     emb_dim, heads, head_dim, _ = sizes
-    layer = random_decoder_layer(*sizes, seed=rows + examples)
+    layer = random_decoder_layer(*sizes, seed=rows + examples, dtype=dtype)
     length, encoded, position = 11, 13, 6
-    x = 3 * torch.randn(rows, 1, emb_dim)
+    x = (3 * torch.randn(rows, 1, emb_dim)).to(dtype)
     keys, values = (torch.randn(rows, heads, length, head_dim) for _ in range(2))
     cross_kv = [torch.randn(examples, heads, encoded, head_dim) for _ in range(2)]
     key_valid = (torch.rand(rows, length) > 0.3) & (torch.arange(length) <= position)
@@ -196,7 +236,12 @@ def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples
             torch.set_num_threads(before)
 
     for got, expected in zip(step(True), step(False)):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert got.dtype == expected.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:  # at most a bf16 ulp (2^-8 to 2^-7 of the value), at a few positions
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -7, atol=1e-6)
+            assert (got != expected).float().mean() < 0.01
 
 
 def test_decoder_layer_kernel_leaves_steps_that_want_gradients_to_torch(kernel):
@@ -209,6 +254,7 @@ def test_decoder_layer_kernel_leaves_steps_that_want_gradients_to_torch(kernel):
     with torch.no_grad():
         assert layer._kernel_weights_for_step(x, cross_kv, cache) is not None
     assert layer._kernel_weights_for_step(x.double(), cross_kv, cache) is None
+    assert layer._kernel_weights_for_step(x.bfloat16(), cross_kv, cache) is None  # weights in another dtype
     assert layer._kernel_weights_for_step(torch.randn(9, 1, 64), cross_kv, cache) is None  # more rows than it takes
     layer.mlp.wo.weight = torch.nn.Parameter(torch.randn(64, 256)[:, ::2], requires_grad=False)
     assert layer._kernel_weights_for_step(x, cross_kv, cache) is None  # neither its rows nor columns contiguous
@@ -224,8 +270,10 @@ def test_decoder_layer_kernel_refuses_what_it_does_not_compute(kernel):
                                               (cross, cross), torch.zeros(1, 1, 1, 5), 1e-6)
 
     assert call(torch.randn(2, 1, 64)).shape == (2, 1, 64)
-    with pytest.raises(RuntimeError, match="x must be float32"):
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
         call(torch.randn(2, 1, 64).double())
+    with pytest.raises(RuntimeError, match=r"qkv must be BFloat16 \(as x\)"):
+        call(torch.randn(2, 1, 64).bfloat16())
     with pytest.raises(RuntimeError, match="position 4 outside the cache"):
         call(torch.randn(2, 1, 64), index=torch.tensor([4]))
     with pytest.raises(RuntimeError, match=r"keys must be .* \(1 or a divisor of it, 3, length, 32\), got \[2, 3, "):

@@ -8,7 +8,7 @@ the weight instead. On a 2-core AMD EPYC (AVX2) a step's 49 float32 products too
 widened to float32 in registers, so on CPUs without bf16 kernels bf16 steps read half the bytes.
 
 Two operators use it: ``torch.ops.uio_cpu.gemv`` (:func:`gemv`, one product) and
-``torch.ops.uio_cpu.decoder_layer_step`` (:func:`decoder_layer_step`, a whole float32 decoder layer
+``torch.ops.uio_cpu.decoder_layer_step`` (:func:`decoder_layer_step`, a whole float32 or bfloat16 decoder layer
 of a step in one call, ~70 torch operations fewer per layer).
 
 :func:`load` compiles them with torch's C++ extension builder (a C++ compiler and ninja needed; ~20-60 s,
@@ -133,10 +133,12 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
 def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor]) -> bool:
     """Whether the loaded kernel runs a decoder layer's decoding step (:func:`decoder_layer_step`)
     for ``x`` (rows, 1, dim), these ``weights`` and self- and cross-attention key/value ``caches``:
-    float32 on the CPU, at most ``MAX_ROWS`` rows, weights whose rows or columns are contiguous,
-    contiguous caches, and no gradients wanted (it has no backward)."""
+    on the CPU, weights in x's dtype where :func:`serves_dtype` (float32, or bfloat16 on a CPU
+    without bf16 kernels), float32 caches, at most ``MAX_ROWS`` rows, weights whose rows or columns
+    are contiguous, contiguous caches, and no gradients wanted (it has no backward)."""
     tensors = [x, *weights, *caches]
-    return (_takes(x) and all(t.dtype == torch.float32 for t in tensors)
+    return (_takes(x) and serves_dtype(x.dtype) and all(w.dtype == x.dtype for w in weights)
+            and all(c.dtype == torch.float32 for c in caches)
             and all(_rows_or_columns_contiguous(w) for w in weights) and all(t.is_contiguous() for t in caches)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
@@ -144,7 +146,8 @@ def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor])
 def decoder_layer_step(x: Tensor, weights: list[Tensor], cache: tuple[Tensor, Tensor, Tensor], self_bias: Tensor,
                        cross_kv: tuple[Tensor, Tensor], cross_bias: Tensor, eps: float) -> Tensor:
     """A decoder layer's decoding step by the kernel (see :func:`serves_decoder_layer`), as
-    :class:`~uio.model.transformer.DecoderLayer` computes it: ``x`` (rows, 1, dim); ``weights`` the
+    :class:`~uio.model.transformer.DecoderLayer` computes it (in bfloat16: in float32, rounded to
+    bfloat16 after each of torch's operations): ``x`` (rows, 1, dim); ``weights`` the
     three norms' and the projections' (out, in) matrices in the order self-attention norm, fused
     query/key/value, output, cross-attention norm, query, output, MLP norm, fused wi_0/wi_1, wo;
     ``cache`` = (keys, values, index): this step's key and value are written at ``index`` before

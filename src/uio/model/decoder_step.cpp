@@ -1,10 +1,13 @@
-// torch.ops.uio_cpu.decoder_layer_step: a whole decoder layer for a decoding step's few float32 rows.
+// torch.ops.uio_cpu.decoder_layer_step: a whole decoder layer for a decoding step's few float32 or
+// bfloat16 rows.
 //
 // In torch such a layer is ~60 operations, most on a few hundred numbers, and each costs more to
 // dispatch than to compute: on a 2-core CPU a third of a step of `small` went to them. Here the
 // layer is one call: its six matrix products (cpu_kernels.h) and, between them, the norms, the
 // attention over the cached and the encoder's keys, and the gated GELU, in the reference's
-// arithmetic (float32; exp and tanh within a few ulp).
+// arithmetic (float32; exp and tanh within a few ulp). In bfloat16 it computes in float32 and rounds
+// to bfloat16 wherever torch's bf16 layer does (each operation's output), so it reads half the bytes
+// of float32 and gives torch's bf16 results up to float32 rounding before each rounding.
 #include <torch/library.h>
 
 #include <cmath>
@@ -32,6 +35,32 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+// Float32 rounded to the nearest bfloat16 (ties to even), as torch converts; NaN stays NaN.
+inline __m256 round_to_bf16(__m256 v) {
+  __m256i bits = _mm256_castps_si256(v);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+  __m256 result = _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm256_blendv_ps(result, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+inline float round_to_bf16(float v) {
+  if (std::isnan(v)) return v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// Each of `n` values rounded to bfloat16, where `half` (bf16 layers); float32 layers keep them.
+void round_if(bool half, float* values, int64_t n) {
+  if (!half) return;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(values + i, round_to_bf16(_mm256_loadu_ps(values + i)));
+  for (; i < n; ++i) values[i] = round_to_bf16(values[i]);
 }
 
 // T5's RMS norm of each row: x / sqrt(mean(x^2) + eps) * weight.
@@ -162,16 +191,20 @@ void attention(const float* q, int64_t ldq, int64_t rows, const at::Tensor& keys
   }
 }
 
-// y[r, :] += x[r, :] @ weight.T
-void add_product(const float* x, int64_t rows, const at::Tensor& weight, float* scratch, float* y) {
+// y[r, :] += x[r, :] @ weight.T (the product, then the sum, rounded where `half`)
+void add_product(const float* x, int64_t rows, const at::Tensor& weight, float* scratch, float* y, bool half) {
+  int64_t n = rows * weight.size(0);
   product(x, weight.size(1), rows, weight, scratch);
-  for (int64_t i = 0; i < rows * weight.size(0); ++i) y[i] += scratch[i];
+  round_if(half, scratch, n);
+  for (int64_t i = 0; i < n; ++i) y[i] += scratch[i];
+  round_if(half, y, n);
 }
 
-// gelu(gate) * up (tanh approximation) for rows of [gate | up], each `hidden` wide.
-void gated_gelu(const float* gate_up, int64_t rows, int64_t hidden, float* out) {
+// gelu(gate) * up (tanh approximation) for rows of [gate | up], each `hidden` wide; where `half`,
+// gelu(gate) and the product rounded to bfloat16, as torch's two bf16 operations round them.
+void gated_gelu(const float* gate_up, int64_t rows, int64_t hidden, float* out, bool half) {
   const __m256 beta = _mm256_set1_ps(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
-  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  const __m256 halves = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     const float *gate = gate_up + r * 2 * hidden, *up = gate + hidden;
     float* o = out + r * hidden;
@@ -182,21 +215,24 @@ void gated_gelu(const float* gate_up, int64_t rows, int64_t hidden, float* out) 
       // tanh(u) = sign(u) (1 - e^-2|u|) / (1 + e^-2|u|)
       __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, inner)));
       __m256 t = _mm256_or_ps(_mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)), _mm256_and_ps(sign, inner));
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t)),
-                                            _mm256_loadu_ps(up + i)));
+      __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(halves, x), _mm256_add_ps(one, t));
+      if (half) gelu = round_to_bf16(gelu);
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
     }
     for (; i < hidden; ++i) {
       float x = gate[i], inner = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5) * (x + 0.044715f * x * x * x);
-      o[i] = 0.5f * x * (1.0f + std::tanh(inner)) * up[i];
+      float gelu = 0.5f * x * (1.0f + std::tanh(inner));
+      o[i] = (half ? round_to_bf16(gelu) : gelu) * up[i];
     }
   }
+  round_if(half, out, rows * hidden);
 }
 
-void check_weight(const at::Tensor& w, int64_t out, int64_t in, const char* name) {
+void check_weight(const at::Tensor& w, int64_t out, int64_t in, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(w.dim() == 2 && w.size(0) == out && w.size(1) == in, "decoder_layer_step: ", name, " must be (",
               out, ", ", in, "), got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == at::kFloat && (w.stride(0) == 1 || w.stride(1) == 1), "decoder_layer_step: ",
-              name, " must be float32 with contiguous rows or columns");
+  TORCH_CHECK(w.scalar_type() == dtype && (w.stride(0) == 1 || w.stride(1) == 1), "decoder_layer_step: ",
+              name, " must be ", dtype, " (as x) with contiguous rows or columns");
 }
 
 void check_cache(const at::Tensor& t, int64_t rows, int64_t heads, int64_t dim, const char* name) {
@@ -212,7 +248,10 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
                               const at::Tensor& cross_out, const at::Tensor& cross_keys,
                               const at::Tensor& cross_values, const at::Tensor& cross_bias,
                               const at::Tensor& mlp_norm, const at::Tensor& wi, const at::Tensor& wo, double eps) {
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "decoder_layer_step: x must be float32 (..., dim)");
+  at::ScalarType dtype = x_in.scalar_type();
+  TORCH_CHECK(x_in.dim() >= 1 && (dtype == at::kFloat || dtype == at::kBFloat16),
+              "decoder_layer_step: x must be float32 or bfloat16 (..., dim)");
+  bool half = dtype == at::kBFloat16;
   int64_t width = x_in.size(-1), rows = width > 0 ? x_in.numel() / width : 0, heads = keys.size(1), dim = keys.size(3);
   int64_t inner = heads * dim, hidden = wo.size(1), length = keys.size(2);
   TORCH_CHECK(rows <= kMaxRows, "decoder_layer_step: at most ", kMaxRows, " rows");
@@ -222,15 +261,15 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   check_cache(cross_values, rows, heads, dim, "cross_values");
   TORCH_CHECK(keys.size(0) == rows && values.sizes() == keys.sizes() && cross_values.sizes() == cross_keys.sizes(),
               "decoder_layer_step: keys and values must match, with a row of keys per row of x");
-  check_weight(qkv, 3 * inner, width, "qkv");
-  check_weight(self_out, width, inner, "self_out");
-  check_weight(cross_q, inner, width, "cross_q");
-  check_weight(cross_out, width, inner, "cross_out");
-  check_weight(wi, 2 * hidden, width, "wi");
-  check_weight(wo, width, hidden, "wo");
+  check_weight(qkv, 3 * inner, width, dtype, "qkv");
+  check_weight(self_out, width, inner, dtype, "self_out");
+  check_weight(cross_q, inner, width, dtype, "cross_q");
+  check_weight(cross_out, width, inner, dtype, "cross_out");
+  check_weight(wi, 2 * hidden, width, dtype, "wi");
+  check_weight(wo, width, hidden, dtype, "wo");
   for (const auto* norm : {&self_norm, &cross_norm, &mlp_norm}) {
-    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == width && norm->scalar_type() == at::kFloat &&
-                    norm->is_contiguous(), "decoder_layer_step: norm weights must be contiguous float32 (dim,)");
+    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == width && norm->scalar_type() == dtype,
+                "decoder_layer_step: norm weights must be (dim,) in x's dtype");
   }
   TORCH_CHECK(index.numel() == 1, "decoder_layer_step: index must hold the step's position");
   int64_t position = index.item<int64_t>();
@@ -240,15 +279,21 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
 
   // One allocation for the output and every intermediate (a step runs this for each layer).
   int64_t projected_width = std::max(3 * inner, 2 * hidden);
-  at::Tensor memory = at::empty({rows * (3 * width + projected_width + inner + hidden)}, x_in.options());
+  at::Tensor memory =
+      at::empty({rows * (3 * width + projected_width + inner + hidden)}, x_in.options().dtype(at::kFloat));
   at::Tensor y = memory.narrow(0, 0, rows * width).view(x_in.sizes());
   float* yp = y.data_ptr<float>();
   float *np = yp + rows * width, *sp = np + rows * width, *pp = sp + rows * width;
   float *ap = pp + rows * projected_width, *activated = ap + rows * inner;
-  std::memcpy(yp, x_in.contiguous().data_ptr<float>(), rows * width * sizeof(float));
+  std::memcpy(yp, x_in.to(at::kFloat).contiguous().data_ptr<float>(), rows * width * sizeof(float));
+  // The norms' weights in float32 (a bf16 layer's are widened, as torch's norm widens them).
+  at::Tensor norms = at::stack({self_norm, cross_norm, mlp_norm}).to(at::kFloat);
+  const float* norm_weights = norms.data_ptr<float>();
 
-  rms_norm(yp, rows, width, self_norm.data_ptr<float>(), eps, np);
+  rms_norm(yp, rows, width, norm_weights, eps, np);
+  round_if(half, np, rows * width);
   product(np, width, rows, qkv, pp);
+  round_if(half, pp, rows * 3 * inner);
   float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t h = 0; h < heads; ++h) {
@@ -258,18 +303,24 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
     }
   }
   attention(pp, 3 * inner, rows, keys, values, self_bias4, ap);
-  add_product(ap, rows, self_out, sp, yp);
+  round_if(half, ap, rows * inner);
+  add_product(ap, rows, self_out, sp, yp, half);
 
-  rms_norm(yp, rows, width, cross_norm.data_ptr<float>(), eps, np);
+  rms_norm(yp, rows, width, norm_weights + width, eps, np);
+  round_if(half, np, rows * width);
   product(np, width, rows, cross_q, pp);
+  round_if(half, pp, rows * inner);
   attention(pp, inner, rows, cross_keys, cross_values, cross_bias4, ap);
-  add_product(ap, rows, cross_out, sp, yp);
+  round_if(half, ap, rows * inner);
+  add_product(ap, rows, cross_out, sp, yp, half);
 
-  rms_norm(yp, rows, width, mlp_norm.data_ptr<float>(), eps, np);
+  rms_norm(yp, rows, width, norm_weights + 2 * width, eps, np);
+  round_if(half, np, rows * width);
   product(np, width, rows, wi, pp);
-  gated_gelu(pp, rows, hidden, activated);
-  add_product(activated, rows, wo, sp, yp);
-  return y;
+  round_if(half, pp, rows * 2 * hidden);
+  gated_gelu(pp, rows, hidden, activated, half);
+  add_product(activated, rows, wo, sp, yp, half);
+  return half ? y.to(at::kBFloat16) : y;
 }
 
 }  // namespace
