@@ -174,9 +174,36 @@ def test_the_environment_can_turn_the_kernel_off(monkeypatch):
     assert cpu_kernels.unsupported_reason() == "UIO_CPU_KERNEL=0"
 
 
+@pytest.mark.parametrize("shape", [(2048, 640), (48, 40), (37, 1001), (17, 33), (3, 5)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_transposing_copy_lays_out_a_transposed_view_as_rows(kernel, shape, threads):
+    """How loading lays the decoder's (in, out) kernels out as (out, in) rows: sizes on and off
+    its 16 x 8 blocks."""
+    source = torch.randn(shape[::-1]).T
+    target = torch.full(shape, float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert cpu_kernels.copy(target, source) is target
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(target, source)
+
+
+def test_copy_leaves_other_layouts_and_dtypes_to_torch(kernel):
+    plain, rows = torch.randn(40, 24), torch.empty(40, 24)
+    assert torch.equal(cpu_kernels.copy(rows, plain), plain)  # not a transposed view
+    half = torch.randn(24, 40, dtype=torch.bfloat16).T
+    assert torch.equal(cpu_kernels.copy(torch.empty(40, 24, dtype=torch.bfloat16), half), half)
+    assert torch.equal(cpu_kernels.copy(torch.empty(24, 40).T, plain), plain)  # into a transposed view
+    with pytest.raises(RuntimeError, match="transposed_copy: dst"):
+        torch.ops.uio_cpu.transposed_copy(torch.empty(40, 24), plain)
+
+
 def random_decoder_layer(emb_dim: int, heads: int, head_dim: int, mlp_dim: int, seed: int,
-                         dtype: torch.dtype = torch.float32):
-    """A DecoderLayer with random weights in ``dtype``, its projections fused (as models keep them)."""
+                         dtype: torch.dtype = torch.float32, decoder: bool = True):
+    """A DecoderLayer with random weights in ``dtype``, its projections fused as models keep them:
+    as a decoder's (``decoder``) or as an encoder's (fp32: (in, out) views; see stores_transposed)."""
     from uio.config import UnifiedIOConfig
     from uio.model.transformer import DecoderLayer
 
@@ -186,9 +213,8 @@ def random_decoder_layer(emb_dim: int, heads: int, head_dim: int, mlp_dim: int, 
         for name, p in layer.named_parameters():
             p.copy_(1 + 0.2 * torch.randn(p.shape) if "norm" in name else torch.randn(p.shape) / p.shape[-1] ** 0.5)
         layer.to(dtype)
-        layer.self_attention.fuse()
-        layer.encoder_decoder_attention.fuse()
-        layer.mlp.fuse()
+        for module in (layer.self_attention, layer.encoder_decoder_attention, layer.mlp):
+            module.fuse(decoder=decoder)
     return layer.requires_grad_(False)
 
 
@@ -197,11 +223,12 @@ def skip_unless_layer_kernel_serves(dtype: torch.dtype) -> None:
         pytest.skip(f"this CPU has {dtype} kernels of its own: uio's kernels do not serve {dtype} steps")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, decoder", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32", "fp32-in-out", "bf16"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows, examples", [(1, 1), (3, 3), (4, 2), (8, 8), (8, 1), (32, 16)])
 @pytest.mark.parametrize("sizes", [(64, 3, 32, 128), (40, 2, 12, 36)], ids=["tiny", "off-vector-width"])
-def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples, threads, dtype):
+def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples, threads, dtype, decoder):
     """One decoding step of a layer, by the kernel and by torch, on copies of the same caches: with
     masked cached keys and encoder positions, a row whose keys are all masked (it attends to all of
     them uniformly), and keys shared by an example's rows. In bf16 (float32 caches, as models keep
@@ -211,7 +238,7 @@ def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples
 
     skip_unless_layer_kernel_serves(dtype)
     emb_dim, heads, head_dim, _ = sizes
-    layer = random_decoder_layer(*sizes, seed=rows + examples, dtype=dtype)
+    layer = random_decoder_layer(*sizes, seed=rows + examples, dtype=dtype, decoder=decoder)
     length, encoded, position = 11, 13, 6
     x = (3 * torch.randn(rows, 1, emb_dim)).to(dtype)
     keys, values = (torch.randn(rows, heads, length, head_dim) for _ in range(2))

@@ -25,7 +25,7 @@ import msgpack
 import torch
 import numpy as np
 
-from .model import memory
+from .model import cpu_kernels, memory
 from .model.transformer import empty_weight
 from .tree import nest_paths
 
@@ -294,7 +294,8 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
             key = torch_key(path)
             target = model.get_parameter(key)
             if target.is_meta and path.endswith("/kernel") and target.ndim == 2:
-                target = empty_weight(*target.shape, device, dtype)  # in the layout stores_transposed picks
+                # in the layout stores_transposed picks
+                target = empty_weight(*target.shape, device, dtype, decoder=path.startswith("decoder/"))
             if target.is_meta:
                 state[key] = _placed_leaf(path, leaf, dtype, device)
             else:
@@ -312,7 +313,7 @@ def _filled(target: torch.Tensor, path: str, leaf: np.ndarray | torch.Tensor, dt
         raise ValueError(f"parameter for '{path}' was allocated as {target.dtype} on {target.device}, "
                          f"but loading was asked for {dtype} on {device}")
     # Moved as stored first: one contiguous transfer to an accelerator, then a copy there.
-    return target.copy_(to_torch_layout(path, _as_tensor(leaf).to(target.device)))
+    return cpu_kernels.copy(target, to_torch_layout(path, _as_tensor(leaf).to(target.device)))
 
 
 def _as_tensor(leaf: np.ndarray | torch.Tensor) -> torch.Tensor:

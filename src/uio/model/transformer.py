@@ -15,7 +15,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -153,31 +153,40 @@ def _scripted_packed_linear() -> Callable[[Tensor, Tensor], Tensor]:
     return torch.jit.script(_packed_linear)
 
 
-def stores_transposed(dtype: torch.dtype) -> bool:
-    """Whether weights in ``dtype`` are kept as transposed views of the checkpoint's (in, out)
-    kernels instead of (out, in) copies: fp32 matmuls run at the same speed on either layout and a
-    plain copy is several times faster than a transposed one (loading ``large``: 7.4 s -> 2.8 s on
-    a 2-core CPU), while some half-precision CPU kernels are slower on the transposed layout
-    (bf16 decoding steps 3x on a CPU without bf16 kernels)."""
+def stores_transposed(dtype: torch.dtype, device: torch.device | str = "cpu", decoder: bool = False) -> bool:
+    """Whether weights in ``dtype`` on ``device`` (of the ``decoder`` or not) are kept as transposed
+    views of the checkpoint's (in, out) kernels instead of (out, in) copies: fp32 matmuls run at
+    the same speed on either layout and a plain copy is several times faster than a transposed one
+    (loading ``large``: 7.4 s -> 2.8 s on a 2-core CPU), while some half-precision CPU kernels are
+    slower on the transposed layout (bf16 decoding steps 3x on a CPU without bf16 kernels).
+
+    The exception: the decoder's fp32 weights on the CPU where uio's CPU kernels serve its steps.
+    They stream a step's small matrices ~15% faster as (out, in) rows (no sum across threads to
+    wait for): steps of ``small`` 4-8% faster on a 2-core AMD Zen 3, for a transposing copy at load."""
+    if decoder and torch.device(device).type == "cpu" and cpu_kernels.in_use(dtype):
+        return False
     return dtype == torch.float32
 
 
-def empty_weight(out_features: int, in_features: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
-    """An uninitialised (out, in) weight in the layout :func:`stores_transposed` picks for ``dtype``."""
-    if stores_transposed(dtype):
+def empty_weight(out_features: int, in_features: int, device: torch.device | str, dtype: torch.dtype,
+                 decoder: bool = False) -> Tensor:
+    """An uninitialised (out, in) weight in the layout :func:`stores_transposed` picks for it."""
+    if stores_transposed(dtype, device, decoder):
         return memory.empty((in_features, out_features), dtype, device).T
     return memory.empty((out_features, in_features), dtype, device)
 
 
-def in_stored_layout(weight: Tensor) -> bool:
-    """Whether the (out, in) ``weight`` is laid out as :func:`stores_transposed` picks for its dtype."""
-    return weight.T.is_contiguous() if stores_transposed(weight.dtype) else weight.is_contiguous()
+def in_stored_layout(weight: Tensor, decoder: bool = False) -> bool:
+    """Whether the (out, in) ``weight`` is laid out as :func:`stores_transposed` picks for it."""
+    if stores_transposed(weight.dtype, weight.device, decoder):
+        return weight.T.is_contiguous()
+    return weight.is_contiguous()
 
 
 def fuse_weights(linears: list[nn.Linear], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Tensor:
+                 dtype: torch.dtype = torch.float32, decoder: bool = False) -> Tensor:
     """Concatenate the weights of ``linears`` (same input) into one matrix, in the layout
-    :func:`empty_weight` picks for their dtype; each module keeps a view of its rows, so memory is
+    :func:`empty_weight` picks for them; each module keeps a view of its rows, so memory is
     unchanged and one matmul computes all their outputs.
 
     Weights still on ``meta`` get an uninitialised matrix on ``device`` in ``dtype`` instead, which
@@ -186,10 +195,10 @@ def fuse_weights(linears: list[nn.Linear], device: torch.device | str = "cpu",
     weights = [m.weight.detach() for m in linears]
     if not weights[0].is_meta:
         device, dtype = weights[0].device, weights[0].dtype
-    fused = empty_weight(sum(w.shape[0] for w in weights), weights[0].shape[1], device, dtype)
+    fused = empty_weight(sum(w.shape[0] for w in weights), weights[0].shape[1], device, dtype, decoder)
     for m, weight, rows in zip(linears, weights, fused.split([w.shape[0] for w in weights])):
         if not weight.is_meta:
-            rows.copy_(weight)
+            cpu_kernels.copy(rows, weight)
         m.weight = nn.Parameter(rows, requires_grad=False)
     return fused
 
@@ -213,9 +222,10 @@ class MlpBlock(HoldsPackedCopies):
         self.fused_wi: Tensor | None = None
         self.packed: dict[str, Tensor] = {}
 
-    def fuse(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def fuse(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             decoder: bool = False) -> None:
         """Compute wi_0 and wi_1 with one matmul from now on (see :func:`fuse_weights`)."""
-        self.fused_wi = fuse_weights([self.wi_0, self.wi_1], device, dtype)
+        self.fused_wi = fuse_weights([self.wi_0, self.wi_1], device, dtype, decoder)
 
     def prepack(self, pack: Callable[[Tensor], Tensor] = pack_weight) -> None:
         """Keep packed copies of the (fused) weights for :func:`linear`; call after :meth:`fuse`."""
@@ -244,9 +254,10 @@ class Attention(HoldsPackedCopies):
         self.fused_qkv: Tensor | None = None
         self.packed: dict[str, Tensor] = {}
 
-    def fuse(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def fuse(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             decoder: bool = False) -> None:
         """Compute the query/key/value projections with one matmul from now on (see :func:`fuse_weights`)."""
-        self.fused_qkv = fuse_weights([self.query, self.key, self.value], device, dtype)
+        self.fused_qkv = fuse_weights([self.query, self.key, self.value], device, dtype, decoder)
 
     def prepack(self, which: str, pack: Callable[[Tensor], Tensor] = pack_weight) -> None:
         """Keep packed copies, for :func:`linear`, of the ``which`` projection (as in :meth:`project`)
@@ -657,9 +668,15 @@ class UnifiedIO(nn.Module):
         :func:`uio.checkpoint.load_into` to fill; otherwise call it after the weights are placed.
         """
         self.step_traces = None  # traces would keep the replaced weights
-        for module in self.modules():
+        for module, decoder in self._transformer_modules():
             if isinstance(module, (Attention, MlpBlock)):
-                module.fuse(device, dtype)
+                module.fuse(device, dtype, decoder)
+
+    def _transformer_modules(self) -> Iterator[tuple[nn.Module, bool]]:
+        """Each encoder and decoder module, with whether it is the decoder's (see :func:`stores_transposed`)."""
+        for part in (self.encoder, self.decoder):
+            for module in part.modules():
+                yield module, part is self.decoder
 
     def output_rows(self, is_image: bool) -> slice:
         """The embedding rows a decoding step scores: image ids or text ids."""
@@ -731,10 +748,10 @@ class UnifiedIO(nn.Module):
         recorded = self.step_traces is not None or self.cuda_graphs
         self.drop_packed()
         self.graphed_caches.clear()  # on the old device or dtype
-        for module in [*self.encoder.modules(), *self.decoder.modules()]:
+        for module, decoder in self._transformer_modules():
             weight = module.weight if isinstance(module, nn.Linear) else None
-            if weight is not None and not weight.is_meta and not in_stored_layout(weight):
-                relaid = empty_weight(*weight.shape, weight.device, weight.dtype).copy_(weight)
+            if weight is not None and not weight.is_meta and not in_stored_layout(weight, decoder):
+                relaid = cpu_kernels.copy(empty_weight(*weight.shape, weight.device, weight.dtype, decoder), weight)
                 module.weight = nn.Parameter(relaid, requires_grad=weight.requires_grad)
         if fused:  # after laying out: the fused weights' rows are views, which laying out would copy
             self.fuse_projections()
