@@ -10,6 +10,7 @@
 // of float32 and gives torch's bf16 results up to float32 rounding before each rounding.
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -287,10 +288,12 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   float *ap = pp + rows * projected_width, *activated = ap + rows * inner;
   std::memcpy(yp, x_in.to(at::kFloat).contiguous().data_ptr<float>(), rows * width * sizeof(float));
   // The norms' weights in float32 (a bf16 layer's are widened, as torch's norm widens them).
-  at::Tensor norms = at::stack({self_norm, cross_norm, mlp_norm}).to(at::kFloat);
-  const float* norm_weights = norms.data_ptr<float>();
+  std::array<at::Tensor, 3> norms = {self_norm, cross_norm, mlp_norm};
+  for (auto& norm : norms) {
+    if (half || !norm.is_contiguous()) norm = norm.to(at::kFloat).contiguous();
+  }
 
-  rms_norm(yp, rows, width, norm_weights, eps, np);
+  rms_norm(yp, rows, width, norms[0].data_ptr<float>(), eps, np);
   round_if(half, np, rows * width);
   product(np, width, rows, qkv, pp);
   round_if(half, pp, rows * 3 * inner);
@@ -306,7 +309,7 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   round_if(half, ap, rows * inner);
   add_product(ap, rows, self_out, sp, yp, half);
 
-  rms_norm(yp, rows, width, norm_weights + width, eps, np);
+  rms_norm(yp, rows, width, norms[1].data_ptr<float>(), eps, np);
   round_if(half, np, rows * width);
   product(np, width, rows, cross_q, pp);
   round_if(half, pp, rows * inner);
@@ -314,7 +317,7 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   round_if(half, ap, rows * inner);
   add_product(ap, rows, cross_out, sp, yp, half);
 
-  rms_norm(yp, rows, width, norm_weights + 2 * width, eps, np);
+  rms_norm(yp, rows, width, norms[2].data_ptr<float>(), eps, np);
   round_if(half, np, rows * width);
   product(np, width, rows, wi, pp);
   round_if(half, pp, rows * 2 * hidden);
