@@ -161,6 +161,22 @@ def test_fused_projections_equal_separate_ones():
         torch.testing.assert_close(mlp(x), mlp_separate)
 
 
+def test_decoder_weights_are_rows_only_where_the_cpu_kernels_stream_them(monkeypatch):
+    """fp32 weights are (in, out) views of the checkpoint's kernels, except the decoder's on the CPU
+    while uio's CPU kernels serve fp32 steps; other dtypes are always (out, in) rows."""
+    from uio.model import cpu_kernels
+    from uio.model.transformer import empty_weight, stores_transposed
+
+    monkeypatch.setattr(cpu_kernels, "in_use", lambda dtype: dtype == torch.float32)
+    assert not stores_transposed(torch.float32, "cpu", decoder=True)
+    assert empty_weight(24, 40, "cpu", torch.float32, decoder=True).is_contiguous()
+    assert stores_transposed(torch.float32, "cpu") and stores_transposed(torch.float32, "cuda", decoder=True)
+    assert empty_weight(24, 40, "cpu", torch.float32).T.is_contiguous()
+    assert not stores_transposed(torch.bfloat16, "cpu") and not stores_transposed(torch.bfloat16, "cpu", decoder=True)
+    monkeypatch.setattr(cpu_kernels, "in_use", lambda dtype: False)
+    assert stores_transposed(torch.float32, "cpu", decoder=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fusing_lays_the_weights_out_for_their_dtype(transposed, dtype):

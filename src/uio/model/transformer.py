@@ -162,7 +162,7 @@ def stores_transposed(dtype: torch.dtype, device: torch.device | str = "cpu", de
 
     The exception: the decoder's fp32 weights on the CPU where uio's CPU kernels serve its steps.
     They stream a step's small matrices ~15% faster as (out, in) rows (no sum across threads to
-    wait for): steps of ``small`` 4-8% faster on a 2-core AMD Zen 3, for a transposing copy at load."""
+    wait for): steps of ``small`` 5-8% faster on a 2-core AMD Zen 3, for a transposing copy at load."""
     if decoder and torch.device(device).type == "cpu" and cpu_kernels.in_use(dtype):
         return False
     return dtype == torch.float32
