@@ -73,3 +73,13 @@ def test_loaded_output_embedding_lies_in_huge_page_memory(tiny_model):
     if not memory.huge_pages_available():
         pytest.skip("this system offers no transparent huge pages")
     assert is_huge_page_memory(tiny_model.token_embedder.weight)
+
+
+def test_the_environment_can_turn_huge_pages_off(monkeypatch):
+    monkeypatch.setenv("UIO_HUGE_PAGES", "0")
+    memory.huge_pages_available.cache_clear()
+    try:
+        assert not memory.huge_pages_available()
+        assert memory.empty((1024, 1024), torch.float32).untyped_storage().resizable()
+    finally:
+        memory.huge_pages_available.cache_clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -20,7 +21,11 @@ _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 @functools.cache
 def huge_pages_available() -> bool:
-    """Whether this system backs memory asked for it (``madvise``) with transparent huge pages."""
+    """Whether this system backs memory asked for it (``madvise``) with transparent huge pages, and
+    ``UIO_HUGE_PAGES=0`` is not set (loading a small model once can be faster without them, on a
+    virtual machine whose host backs fresh huge pages 4 KiB at a time)."""
+    if os.environ.get("UIO_HUGE_PAGES", "1") == "0":
+        return False
     if not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_ANONYMOUS"):
         return False
     try:
