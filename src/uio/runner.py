@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
 from .model import cpu_kernels
 from .model.hardware import computes_natively
-from .model.transformer import StepTraces, UnifiedIO, packed_matmul_supported, wants_packed_copies
+from .model.transformer import StepTraces, UnifiedIO, wants_packed_copies
 from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
     CAPTIONING_PROMPT, DEPTH_PROMPT, GEN_SEGMENTATION_COLOR_NAMES, GEN_SEGMENTATION_COLORS, IMAGE_GENERATION,
     IMAGE_INPAINTING, IMAGE_TAGGING, OBJECT_SEGMENTATION, POSE_ESTIMATION, REFEXP_PROMPT, REGION_CAPTION,
@@ -100,7 +100,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
         log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): bf16 halves the weights' memory and %s; "
                     "the VQGAN stays in fp32", speed)
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 and native_bf16 else torch.float32)
-    if device.type == "cpu" and packed_matmul_supported(dtype) and wants_packed_copies(prepack, dtype):
+    if wants_packed_copies(prepack, dtype, device):
         model.prepack_decoder()
     model.keeps_packed = prepack  # decided again for the dtype and device of each conversion (.to())
     model.eval().requires_grad_(False)

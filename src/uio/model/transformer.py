@@ -86,10 +86,13 @@ def packed_matmul_supported(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and cpu_has_bf16_kernels()
 
 
-def wants_packed_copies(keep: bool | None, dtype: torch.dtype) -> bool:
-    """Whether a CPU model in ``dtype`` keeps packed weight copies for its decoding steps: ``keep``,
-    or by default (None) where uio's CPU kernels do not serve them (they serve steps of up to
-    ``cpu_kernels.MAX_ROWS`` rows as fast as the copies or faster, without their memory)."""
+def wants_packed_copies(keep: bool | None, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether a model in ``dtype`` on ``device`` keeps packed weight copies for its decoding steps:
+    only on a CPU where :func:`packed_matmul_supported`; there ``keep``, or by default (None) where
+    uio's CPU kernels do not serve them (they serve steps of up to ``cpu_kernels.MAX_ROWS`` rows as
+    fast as the copies or faster, without their memory)."""
+    if torch.device(device).type != "cpu" or not packed_matmul_supported(dtype):
+        return False
     return not cpu_kernels.in_use(dtype) if keep is None else keep
 
 
@@ -757,7 +760,7 @@ class UnifiedIO(nn.Module):
             self.fuse_projections()
         weight = self.token_embedder.weight
         on_cpu = weight.device.type == "cpu"
-        if on_cpu and packed_matmul_supported(weight.dtype) and wants_packed_copies(packed, weight.dtype):
+        if wants_packed_copies(packed, weight.dtype, weight.device):
             self.prepack_decoder()
         self.keeps_packed = packed
         # As the runner builds models: traced steps on the CPU, CUDA graphs on a GPU.
