@@ -271,6 +271,33 @@ def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples
             assert (got != expected).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("rows, examples", [(1, 1), (4, 2), (8, 8)])
+def test_bf16_caches_give_what_float32_caches_of_the_same_values_give(kernel, rows, examples):
+    """A bf16 layer's keys and values are bf16 values: kept in bf16 caches, the kernel reads them
+    (half the bytes) and writes this step's exactly as it does with float32 caches."""
+    skip_unless_layer_kernel_serves(torch.bfloat16)
+    layer = random_decoder_layer(64, 3, 32, 128, seed=rows, dtype=torch.bfloat16)
+    x = (3 * torch.randn(rows, 1, 64)).bfloat16()
+    keys, values = (torch.randn(rows, 3, 11, 32).bfloat16() for _ in range(2))
+    cross_kv = [torch.randn(examples, 3, 13, 32).bfloat16() for _ in range(2)]
+    self_bias, cross_bias = torch.randn(1, 3, 1, 11), torch.zeros(examples, 1, 1, 13)
+    self_bias[..., 8:] = -1e10  # keys not written yet
+
+    def step(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        cache = (keys.to(dtype), values.to(dtype), torch.tensor([7]))
+        caches = [t.to(dtype) for t in cross_kv]
+        assert layer._kernel_weights_for_step(x, caches, cache) is not None
+        return layer(x, self_bias, caches, cross_bias, cache), *cache[:2]
+
+    for narrow, wide in zip(step(torch.bfloat16), step(torch.float32)):
+        assert torch.equal(narrow.float(), wide.float())
+    mixed = (keys, values, torch.tensor([7]))
+    assert layer._kernel_weights_for_step(x, cross_kv[:1] + [cross_kv[1].float()], mixed) is None
+    with pytest.raises(RuntimeError, match=r"cross_values must be BFloat16 \(as the keys\)"):
+        cpu_kernels.decoder_layer_step(x, layer.kernel_weights(), mixed, self_bias, (cross_kv[0], cross_kv[1].float()),
+                                       cross_bias, 1e-6)
+
+
 def test_decoder_layer_kernel_leaves_steps_that_want_gradients_to_torch(kernel):
     layer = random_decoder_layer(64, 3, 32, 128, seed=0)
     x, keys, cross_kv = torch.randn(1, 1, 64), torch.zeros(1, 3, 4, 32), [torch.zeros(1, 3, 5, 32)] * 2
@@ -311,3 +338,5 @@ def test_decoder_layer_kernel_refuses_what_it_does_not_compute(kernel):
         call(torch.randn(4, 1, 64))
     with pytest.raises(RuntimeError, match=r"got \[0, 3, 4, 32\]"):  # not a division by zero
         call(torch.randn(0, 1, 64), keys=torch.zeros(0, 3, 4, 32))
+    with pytest.raises(RuntimeError, match="caches must be float32 or x's dtype, got BFloat16"):
+        call(torch.randn(2, 1, 64), keys=keys.bfloat16())

@@ -424,31 +424,59 @@ def test_cuda_graphs_decode_what_eager_cuda_steps_decode(dtype):
         assert_generations_match(got, eager, tolerance=1e-5)
 
 
+def step_logits(model, enc, tokens: torch.Tensor) -> tuple[DecoderCache, torch.Tensor]:
+    """The logits of decoding steps feeding ``tokens`` (rows, steps) one at a time, and their cache."""
+    rows, steps = tokens.shape
+    cache = DecoderCache(model, enc, steps, 0)
+    with torch.inference_mode():
+        return cache, torch.stack([decode_step(model, cache, tokens[:, i], i, torch.ones(rows, dtype=torch.bool))
+                                   for i in range(steps)], dim=1)
+
+
+def attention_dtypes(cache: DecoderCache) -> set[torch.dtype]:
+    return {cache.keys[0].dtype, cache.cross_kv[0][0].dtype, cache.self_bias.dtype, cache.cross_bias.dtype}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_cpu_steps_attend_in_float32(dtype, monkeypatch):
-    """Half-precision models keep a CPU step's attention state (caches, biases) in fp32, which
-    holds the half-precision values exactly: steps compute what steps on half-precision state and
-    the teacher-forced pass compute, up to the rounding of accumulations (a logit's last bit)."""
+    """Half-precision models keep a CPU step's attention state (caches, biases) in fp32 for torch's
+    attention, which holds the half-precision values exactly: steps compute what steps on
+    half-precision state and the teacher-forced pass compute, up to the rounding of accumulations
+    (a logit's last bit)."""
+    monkeypatch.setattr(cpu_kernels, "enabled", False)  # the layer kernel keeps bf16 state (below)
     model = random_model(dtype)
     enc = random_encoding(model, 2, 5)
     tokens = torch.randint(2, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
-
-    def step_logits() -> tuple[DecoderCache, torch.Tensor]:
-        cache = DecoderCache(model, enc, 6, 0)
-        with torch.inference_mode():
-            return cache, torch.stack([decode_step(model, cache, tokens[:, i], i, torch.ones(2, dtype=torch.bool))
-                                       for i in range(6)], dim=1)
-
-    cache, wide = step_logits()
-    assert {cache.keys[0].dtype, cache.cross_kv[0][0].dtype, cache.self_bias.dtype} == {torch.float32}
+    cache, wide = step_logits(model, enc, tokens)
+    assert attention_dtypes(cache) == {torch.float32}
     with torch.inference_mode():
         forced = model.decode(enc, tokens, tokens[:, :0], torch.ones_like(tokens, dtype=torch.bool), tokens[:, :0])
-    monkeypatch.setattr(transformer, "step_attention_dtype", lambda hidden: hidden.dtype)
-    cache, narrow = step_logits()
+    monkeypatch.setattr(transformer, "step_attention_dtype", lambda model, hidden, rows: hidden.dtype)
+    cache, narrow = step_logits(model, enc, tokens)
     assert cache.keys[0].dtype == dtype
     ulps = 2 * torch.finfo(dtype).eps  # the logits come out of a half-precision matmul
     torch.testing.assert_close(wide, narrow, rtol=ulps, atol=ulps)
     torch.testing.assert_close(wide, forced[..., :model.cfg.vocab_size], rtol=ulps, atol=ulps)
+
+
+def test_bf16_cpu_steps_of_the_layer_kernel_keep_bf16_attention_state(monkeypatch):
+    """Where uio's CPU kernel runs a bf16 model's decoder layers, steps keep their attention state in
+    bf16 (the kernel reads it at half the bytes): the logits of float32 state, exactly."""
+    if cpu_kernels.unsupported_reason() is not None or not cpu_kernels.load():
+        pytest.skip("uio's CPU kernels are not used here")
+    if not cpu_kernels.serves_dtype(torch.bfloat16):
+        pytest.skip("this CPU has bf16 kernels of its own: uio's kernels do not serve bf16 steps")
+    model = random_model(torch.bfloat16)
+    enc = random_encoding(model, 2, 5)
+    tokens = torch.randint(2, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    cache, narrow = step_logits(model, enc, tokens)
+    assert attention_dtypes(cache) == {torch.bfloat16}
+    rows_beyond = cpu_kernels.MAX_ROWS + 1
+    assert transformer.step_attention_dtype(model, enc.hidden, rows_beyond) == torch.float32
+    monkeypatch.setattr(transformer, "step_attention_dtype", lambda model, hidden, rows: torch.float32)
+    cache, wide = step_logits(model, enc, tokens)
+    assert attention_dtypes(cache) == {torch.float32}
+    assert torch.equal(narrow, wide)
 
 
 @needs_tracing

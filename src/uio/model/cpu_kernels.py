@@ -147,11 +147,11 @@ def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor])
     """Whether the loaded kernel runs a decoder layer's decoding step (:func:`decoder_layer_step`)
     for ``x`` (rows, 1, dim), these ``weights`` and self- and cross-attention key/value ``caches``:
     on the CPU, weights in x's dtype where :func:`serves_dtype` (float32, or bfloat16 on a CPU
-    without bf16 kernels), float32 caches, at most ``MAX_ROWS`` rows, weights whose rows or columns
-    are contiguous, contiguous caches, and no gradients wanted (it has no backward)."""
+    without bf16 kernels), caches all float32 or all in x's dtype, at most ``MAX_ROWS`` rows, weights
+    whose rows or columns are contiguous, contiguous caches, and no gradients wanted (it has no backward)."""
     tensors = [x, *weights, *caches]
     return (_takes(x) and serves_dtype(x.dtype) and all(w.dtype == x.dtype for w in weights)
-            and all(c.dtype == torch.float32 for c in caches)
+            and caches[0].dtype in (torch.float32, x.dtype) and all(c.dtype == caches[0].dtype for c in caches)
             and all(_rows_or_columns_contiguous(w) for w in weights) and all(t.is_contiguous() for t in caches)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 

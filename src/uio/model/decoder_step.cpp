@@ -7,11 +7,13 @@
 // attention over the cached and the encoder's keys, and the gated GELU, in the reference's
 // arithmetic (float32; exp and tanh within a few ulp). In bfloat16 it computes in float32 and rounds
 // to bfloat16 wherever torch's bf16 layer does (each operation's output), so it reads half the bytes
-// of float32 and gives torch's bf16 results up to float32 rounding before each rounding.
+// of float32 and gives torch's bf16 results up to float32 rounding before each rounding. Its key/value
+// caches may then be bfloat16 too (those values are bf16 values): attention reads half the bytes.
 #include <torch/library.h>
 
 #include <array>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -86,14 +88,36 @@ constexpr float kMasked = -1e9f;
 constexpr int64_t kPrefetchKeys = 8;
 
 // Ask for the cache lines holding `bytes` from `row`.
-inline void prefetch(const float* row, int64_t bytes) {
+inline void prefetch(const void* row, int64_t bytes) {
   auto first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63}, end = reinterpret_cast<uintptr_t>(row) + bytes;
   for (uintptr_t line = first; line < end; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
 }
 
-// logits[j] = q . k_j + bias_j for `length` keys of `dim` values, four keys at a time (independent
-// sums); -inf for masked keys unless `all`. Returns whether some key is not masked.
-bool attention_logits(const float* q, const float* k, const float* bias, int64_t bias_stride, int64_t length,
+// A float32 or bfloat16 tensor's elements (bfloat16 as their bits).
+template <typename K>
+K* elements(const at::Tensor& t) {
+  if constexpr (std::is_same_v<K, float>) {
+    return t.data_ptr<float>();
+  } else {
+    return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+  }
+}
+
+// `n` float32 values stored as K: copied, or (bfloat16 caches, of a bf16 layer's values, which are
+// rounded to bfloat16 already) their upper halves, exactly.
+inline void store(const float* values, int64_t n, float* to) { std::memcpy(to, values, n * sizeof(float)); }
+inline void store(const float* values, int64_t n, uint16_t* to) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, values + i, sizeof bits);
+    to[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
+// logits[j] = q . k_j + bias_j for `length` keys of `dim` values (float32 or bfloat16: K), four keys
+// at a time (independent sums); -inf for masked keys unless `all`. Returns whether some key is not masked.
+template <typename K>
+bool attention_logits(const float* q, const K* k, const float* bias, int64_t bias_stride, int64_t length,
                       int64_t dim, bool all, float* logits) {
   int64_t vector_end = dim - dim % 8, computed = 0;
   int64_t keys[4];
@@ -102,12 +126,12 @@ bool attention_logits(const float* q, const float* k, const float* bias, int64_t
     for (int64_t i = 0; i < vector_end; i += 8) {
       __m256 qi = _mm256_loadu_ps(q + i);
       for (int64_t m = 0; m < 4; ++m) {
-        if (m < count) acc[m] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + keys[m] * dim + i), acc[m]);
+        if (m < count) acc[m] = _mm256_fmadd_ps(qi, load8(k + keys[m] * dim + i), acc[m]);
       }
     }
     for (int64_t m = 0; m < count; ++m) {
       float sum = horizontal_sum(acc[m]);
-      for (int64_t i = vector_end; i < dim; ++i) sum += q[i] * k[keys[m] * dim + i];
+      for (int64_t i = vector_end; i < dim; ++i) sum += q[i] * value(k[keys[m] * dim + i]);
       logits[keys[m]] = sum + bias[keys[m] * bias_stride];
     }
   };
@@ -117,7 +141,7 @@ bool attention_logits(const float* q, const float* k, const float* bias, int64_t
       logits[j] = -INFINITY;
       continue;
     }
-    if (j + kPrefetchKeys < length) prefetch(k + (j + kPrefetchKeys) * dim, dim * sizeof(float));
+    if (j + kPrefetchKeys < length) prefetch(k + (j + kPrefetchKeys) * dim, dim * sizeof(K));
     keys[pending++] = j;
     ++computed;
     if (pending == 4) {
@@ -131,7 +155,8 @@ bool attention_logits(const float* q, const float* k, const float* bias, int64_t
 
 // out = softmax_j(q . k_j + bias_j) v_j over `length` keys of `dim` values (unscaled, as the reference);
 // `logits` has room for `length` rounded up to 8.
-void attend_one(const float* q, const float* k, const float* v, const float* bias, int64_t bias_stride,
+template <typename K>
+void attend_one(const float* q, const K* k, const K* v, const float* bias, int64_t bias_stride,
                 int64_t length, int64_t dim, float* logits, float* out) {
   if (!attention_logits(q, k, bias, bias_stride, length, dim, false, logits)) {
     attention_logits(q, k, bias, bias_stride, length, dim, true, logits);
@@ -155,13 +180,13 @@ void attend_one(const float* q, const float* k, const float* v, const float* bia
     for (int64_t j = 0; j < length; ++j) {
       float weight = logits[j];
       if (weight == 0.0f) continue;  // masked keys
-      const float* vj = v + j * dim + c;
-      if (j + kPrefetchKeys < length) prefetch(vj + kPrefetchKeys * dim, width * sizeof(float));
+      const K* vj = v + j * dim + c;
+      if (j + kPrefetchKeys < length) prefetch(vj + kPrefetchKeys * dim, width * sizeof(K));
       __m256 w = _mm256_set1_ps(weight);
       for (int m = 0; m < 8; ++m) {
-        if (m < vectors) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * m), acc[m]);
+        if (m < vectors) acc[m] = _mm256_fmadd_ps(w, load8(vj + 8 * m), acc[m]);
       }
-      for (int64_t i = vectors * 8; i < width; ++i) tail[i - vectors * 8] += weight * vj[i];
+      for (int64_t i = vectors * 8; i < width; ++i) tail[i - vectors * 8] += weight * value(vj[i]);
     }
     for (int m = 0; m < vectors; ++m) _mm256_storeu_ps(out + c + 8 * m, _mm256_mul_ps(acc[m], _mm256_set1_ps(inverse)));
     for (int64_t i = vectors * 8; i < width; ++i) out[c + i] = tail[i - vectors * 8] * inverse;
@@ -169,13 +194,16 @@ void attend_one(const float* q, const float* k, const float* v, const float* bia
 }
 
 // Attention of q (rows, heads * dim; row stride ldq) over keys/values (rows / sharing, heads, length,
-// dim), where each key row serves `sharing` consecutive query rows (an example's beams), with
-// `bias` (rows / sharing, heads, 1, length; any strides) added to the logits -> out (rows, heads * dim).
+// dim; float32 or bfloat16: K), where each key row serves `sharing` consecutive query rows (an
+// example's beams), with `bias` (rows / sharing, heads, 1, length; any strides) added to the logits
+// -> out (rows, heads * dim).
+template <typename K>
 void attention(const float* q, int64_t ldq, int64_t rows, const at::Tensor& keys, const at::Tensor& values,
                const at::Tensor& bias, float* out) {
   int64_t heads = keys.size(1), length = keys.size(2), dim = keys.size(3);
   int64_t sharing = rows / keys.size(0), pairs = rows * heads;
-  const float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const K *kp = elements<K>(keys), *vp = elements<K>(values);
+  const float* bp = bias.data_ptr<float>();
   int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs)));
   std::vector<float> scratch(threads * ((length + 7) / 8 * 8));
 #pragma omp parallel num_threads(threads)
@@ -188,6 +216,31 @@ void attention(const float* q, int64_t ldq, int64_t rows, const at::Tensor& keys
       int64_t offset = (kr * heads + h) * length * dim;
       attend_one(q + r * ldq + h * dim, kp + offset, vp + offset, bp + kr * bias.stride(0) + h * bias.stride(1),
                  bias.stride(3), length, dim, logits, out + r * heads * dim + h * dim);
+    }
+  }
+}
+
+// attention over float32 or bfloat16 keys and values, as they are
+void attend(const float* q, int64_t ldq, int64_t rows, const at::Tensor& keys, const at::Tensor& values,
+            const at::Tensor& bias, float* out) {
+  if (keys.scalar_type() == at::kBFloat16) {
+    attention<uint16_t>(q, ldq, rows, keys, values, bias, out);
+  } else {
+    attention<float>(q, ldq, rows, keys, values, bias, out);
+  }
+}
+
+// This step's keys and values (rows of [q | k | v], each heads * dim wide) written at `position`.
+template <typename K>
+void write_step(const float* projected, int64_t rows, int64_t position, const at::Tensor& keys,
+                const at::Tensor& values) {
+  int64_t heads = keys.size(1), length = keys.size(2), dim = keys.size(3), inner = heads * dim;
+  K *kp = elements<K>(keys), *vp = elements<K>(values);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      int64_t at = ((r * heads + h) * length + position) * dim;
+      store(projected + r * 3 * inner + inner + h * dim, dim, kp + at);
+      store(projected + r * 3 * inner + 2 * inner + h * dim, dim, vp + at);
     }
   }
 }
@@ -236,10 +289,12 @@ void check_weight(const at::Tensor& w, int64_t out, int64_t in, at::ScalarType d
               name, " must be ", dtype, " (as x) with contiguous rows or columns");
 }
 
-void check_cache(const at::Tensor& t, int64_t rows, int64_t heads, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.is_contiguous() && t.size(0) > 0 &&
+void check_cache(const at::Tensor& t, int64_t rows, int64_t heads, int64_t dim, at::ScalarType dtype,
+                 const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, "decoder_layer_step: ", name, " must be ", dtype, " (as the keys)");
+  TORCH_CHECK(t.dim() == 4 && t.is_contiguous() && t.size(0) > 0 &&
                   rows % t.size(0) == 0 && t.size(1) == heads && t.size(3) == dim,
-              "decoder_layer_step: ", name, " must be contiguous float32 of shape (", rows, " or a divisor of it, ",
+              "decoder_layer_step: ", name, " must be contiguous, of shape (", rows, " or a divisor of it, ",
               heads, ", length, ", dim, "), got ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
 }
 
@@ -256,10 +311,14 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   int64_t width = x_in.size(-1), rows = width > 0 ? x_in.numel() / width : 0, heads = keys.size(1), dim = keys.size(3);
   int64_t inner = heads * dim, hidden = wo.size(1), length = keys.size(2);
   TORCH_CHECK(rows <= kMaxRows, "decoder_layer_step: at most ", kMaxRows, " rows");
-  check_cache(keys, rows, heads, dim, "keys");
-  check_cache(values, rows, heads, dim, "values");
-  check_cache(cross_keys, rows, heads, dim, "cross_keys");
-  check_cache(cross_values, rows, heads, dim, "cross_values");
+  // bfloat16 caches (a bf16 layer's keys and values are bf16 values) or float32 ones
+  at::ScalarType cache_dtype = keys.scalar_type();
+  TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == dtype,
+              "decoder_layer_step: caches must be float32 or x's dtype, got ", cache_dtype);
+  check_cache(keys, rows, heads, dim, cache_dtype, "keys");
+  check_cache(values, rows, heads, dim, cache_dtype, "values");
+  check_cache(cross_keys, rows, heads, dim, cache_dtype, "cross_keys");
+  check_cache(cross_values, rows, heads, dim, cache_dtype, "cross_values");
   TORCH_CHECK(keys.size(0) == rows && values.sizes() == keys.sizes() && cross_values.sizes() == cross_keys.sizes(),
               "decoder_layer_step: keys and values must match, with a row of keys per row of x");
   check_weight(qkv, 3 * inner, width, dtype, "qkv");
@@ -297,15 +356,12 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   round_if(half, np, rows * width);
   product(np, width, rows, qkv, pp);
   round_if(half, pp, rows * 3 * inner);
-  float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t h = 0; h < heads; ++h) {
-      int64_t at = ((r * heads + h) * length + position) * dim;
-      std::memcpy(kp + at, pp + r * 3 * inner + inner + h * dim, dim * sizeof(float));
-      std::memcpy(vp + at, pp + r * 3 * inner + 2 * inner + h * dim, dim * sizeof(float));
-    }
+  if (cache_dtype == at::kBFloat16) {
+    write_step<uint16_t>(pp, rows, position, keys, values);
+  } else {
+    write_step<float>(pp, rows, position, keys, values);
   }
-  attention(pp, 3 * inner, rows, keys, values, self_bias4, ap);
+  attend(pp, 3 * inner, rows, keys, values, self_bias4, ap);
   round_if(half, ap, rows * inner);
   add_product(ap, rows, self_out, sp, yp, half);
 
@@ -313,7 +369,7 @@ at::Tensor decoder_layer_step(const at::Tensor& x_in, const at::Tensor& self_nor
   round_if(half, np, rows * width);
   product(np, width, rows, cross_q, pp);
   round_if(half, pp, rows * inner);
-  attention(pp, inner, rows, cross_keys, cross_values, cross_bias4, ap);
+  attend(pp, inner, rows, cross_keys, cross_values, cross_bias4, ap);
   round_if(half, ap, rows * inner);
   add_product(ap, rows, cross_out, sp, yp, half);
 

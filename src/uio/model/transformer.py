@@ -675,6 +675,13 @@ class UnifiedIO(nn.Module):
             if isinstance(module, (Attention, MlpBlock)):
                 module.fuse(device, dtype, decoder)
 
+    def layer_kernel_runs_steps(self, dtype: torch.dtype, rows: int) -> bool:
+        """Whether uio's CPU kernel would run the decoder layers of eager steps of ``rows`` rows of this
+        model in ``dtype`` (see :func:`cpu_kernels.serves_decoder_layer`)."""
+        weights = self.decoder.layers[0].kernel_weights()
+        return (self.compiled_step is None and weights is not None and weights[1].dtype == dtype
+                and weights[1].device.type == "cpu" and rows <= cpu_kernels.MAX_ROWS and cpu_kernels.in_use(dtype))
+
     def _transformer_modules(self) -> Iterator[tuple[nn.Module, bool]]:
         """Each encoder and decoder module, with whether it is the decoder's (see :func:`stores_transposed`)."""
         for part in (self.encoder, self.decoder):
@@ -857,13 +864,16 @@ class UnifiedIO(nn.Module):
         return dec.run_layers(y, self_bias, dec.cross_kv(enc.hidden) if cross_kv is None else cross_kv, cross_bias)
 
 
-def step_attention_dtype(hidden: Tensor) -> torch.dtype:
-    """The dtype of decoding steps' attention (caches, biases, math) for a model computing in
-    ``hidden``'s dtype: float32 for half precision on the CPU, whose attention kernel computes in
-    float32 anyway but for one query row runs 2-4x slower on half-precision keys and values than
-    on float32 ones; the model's dtype elsewhere."""
+def step_attention_dtype(model: "UnifiedIO", hidden: Tensor, rows: int) -> torch.dtype:
+    """The dtype of the attention state (caches, biases) of decoding steps of ``rows`` rows for a
+    model computing in ``hidden``'s dtype: the model's dtype, but float32 for half precision on the
+    CPU, whose attention kernel computes in float32 anyway but for one query row runs 2-4x slower on
+    half-precision keys and values than on float32 ones. Where uio's CPU kernel runs the steps' bf16
+    layers, bf16: it reads those keys and values (bf16 values either way) at half the bytes."""
     half = hidden.dtype in (torch.bfloat16, torch.float16)
-    return torch.float32 if half and hidden.device.type == "cpu" else hidden.dtype
+    if not half or hidden.device.type != "cpu" or model.layer_kernel_runs_steps(hidden.dtype, rows):
+        return hidden.dtype
+    return torch.float32
 
 
 class DecoderCache:
@@ -883,7 +893,8 @@ class DecoderCache:
     def __init__(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int,
                  rows_per_example: int = 1):
         cfg, dec = model.cfg, model.decoder
-        n, device, dtype = enc.hidden.shape[0] * rows_per_example, enc.hidden.device, step_attention_dtype(enc.hidden)
+        n, device = enc.hidden.shape[0] * rows_per_example, enc.hidden.device
+        self.attention_dtype = dtype = step_attention_dtype(model, enc.hidden, n)
         self.text_length, self.image_length, self.length = text_length, image_length, text_length + image_length
         shape = (n, cfg.num_heads, self.length, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in dec.layers]
@@ -897,7 +908,7 @@ class DecoderCache:
 
     def _encoding_state(self, model: "UnifiedIO", enc: EncoderOutput) -> tuple[list, Tensor, Tensor]:
         """(cross-attention keys/values, cross-attention bias, self-attention bias) for ``enc``."""
-        dtype, device = step_attention_dtype(enc.hidden), enc.hidden.device
+        dtype, device = self.attention_dtype, enc.hidden.device
         # One per example, shared by its rows; a wider dtype holds the values exactly.
         cross_kv = [[t.to(dtype) for t in kv] for kv in model.decoder.cross_kv(enc.hidden)]
         cross_bias = cross_attention_bias(torch.ones_like(enc.mask[:, :1]), enc.mask, dtype)
