@@ -73,12 +73,14 @@ def test_top_p_keeps_the_nucleus():
 
 
 def test_draw_follows_the_distribution_and_never_picks_filtered_ids():
-    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
-    logits = torch.log(probs).clamp(min=generate.BEAM_NEG_INF).expand(40000, 4)
+    probs = torch.tensor([0.0, 0.5, 0.3, 0.0, 0.2, 0.0])  # filtered ids first, between and last
+    logits = torch.log(probs).clamp(min=generate.BEAM_NEG_INF).expand(40000, 6)
     drawn = generate._draw(logits, torch.Generator().manual_seed(0))
-    frequencies = torch.bincount(drawn, minlength=4) / drawn.numel()
+    frequencies = torch.bincount(drawn, minlength=6) / drawn.numel()
     np.testing.assert_allclose(frequencies.numpy(), probs.numpy(), atol=0.01)
-    assert frequencies[3] == 0
+    assert frequencies[[0, 3, 5]].sum() == 0
+    rows = torch.randn(3, 50)
+    assert torch.equal(generate._draw(generate._top_p_filter(rows, 1e-9), None), rows.argmax(dim=1))
 
 
 def test_sorted_descending_matches_torch_sort():

@@ -122,14 +122,19 @@ def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of highest logits whose probabilities sum to at least ``top_p``."""
     sorted_logits = _sorted_descending(logits)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    cutoff_index = (cumulative < top_p).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    # The number of largest logits summing to less than top_p: those and the next one are kept.
+    below = torch.full((logits.shape[0], 1), top_p, dtype=cumulative.dtype, device=logits.device)
+    cutoff_index = torch.searchsorted(cumulative, below).clamp(max=logits.shape[-1] - 1)
     cutoff = sorted_logits.gather(-1, cutoff_index)
-    return logits.masked_fill(logits < cutoff, BEAM_NEG_INF)
+    return torch.where(logits < cutoff, BEAM_NEG_INF, logits)
 
 
 def _draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     """One id per row, with probability softmax(logits): the Gumbel-max trick, which needs one
-    uniform draw per logit and no normalisation (cheaper than torch.multinomial on the CPU)."""
+    uniform draw per logit and no normalisation (cheaper than torch.multinomial on the CPU), and
+    all but never parts for logits that differ by rounding (a float64 model samples a float32 one's
+    ids; inverting the cumulative distribution at one draw per row would be ~0.3 ms a step faster
+    here, but parts at ~1% of 16k-id draws, where a rounding error moves a boundary past it)."""
     uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
     return _top(logits - (-uniform.log()).log(), 1)[1][:, 0]
 
