@@ -340,3 +340,62 @@ def test_decoder_layer_kernel_refuses_what_it_does_not_compute(kernel):
         call(torch.randn(0, 1, 64), keys=torch.zeros(0, 3, 4, 32))
     with pytest.raises(RuntimeError, match="caches must be float32 or x's dtype, got BFloat16"):
         call(torch.randn(2, 1, 64), keys=keys.bfloat16())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape, groups", [((2, 64, 9, 7), 32), ((1, 40, 5, 7), 8), ((1, 512, 16, 16), 32)])
+@pytest.mark.parametrize("swish", [False, True])
+def test_group_norm_kernel_computes_the_vqgans_norm(kernel, shape, groups, swish, threads):
+    """Against float64: channels on and off the vector width, a large mean (where E[x^2] - E[x]^2
+    would cancel), with and without swish; in place or into a new tensor."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(threads)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 30).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
+    expected = F.group_norm(x, groups, weight.double(), bias.double(), 1e-6)
+    expected = F.silu(expected) if swish else expected
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.group_norm(x.float(), groups, weight, bias, 1e-6, swish, torch.empty_like(x.float()))
+        in_place = x.float()
+        cpu_kernels.group_norm(in_place, groups, weight, bias, 1e-6, swish, in_place)
+    finally:
+        torch.set_num_threads(before)
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, in_place)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
+
+
+def test_vqgan_norms_run_on_the_kernel_only_where_it_serves(kernel, monkeypatch):
+    from uio.model.vqgan import GroupNorm
+
+    calls = []
+    group_norm = cpu_kernels.group_norm
+    monkeypatch.setattr(cpu_kernels, "group_norm", lambda *args: calls.append(args) or group_norm(*args))
+    norm = GroupNorm(64)
+    x = torch.randn(1, 64, 6, 6).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        served = norm(x, swish=True)
+        assert len(calls) == 1
+        norm(x.contiguous())  # not channels-last
+        norm(x.bfloat16())
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
+        by_torch = norm(x, swish=True)
+    norm(x)  # gradients wanted for the norm's weights: the kernel has no backward
+    norm.requires_grad_(False)
+    norm(x.requires_grad_())  # for x
+    assert len(calls) == 1
+    torch.testing.assert_close(served, by_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_kernel_refuses_what_it_does_not_compute(kernel):
+    x, weight = torch.randn(1, 64, 4, 4).to(memory_format=torch.channels_last), torch.ones(64)
+    with pytest.raises(RuntimeError, match="x must be a channels-last float32"):
+        cpu_kernels.group_norm(x.contiguous(), 32, weight, weight, 1e-6, False, x)
+    with pytest.raises(RuntimeError, match="out must be channels-last float32 of x's shape"):
+        cpu_kernels.group_norm(x, 32, weight, weight, 1e-6, False, torch.empty(1, 64, 4, 4))
+    with pytest.raises(RuntimeError, match="64 channels in 24 groups"):
+        cpu_kernels.group_norm(x, 24, weight, weight, 1e-6, False, x)
+    with pytest.raises(RuntimeError, match=r"weight and bias must be contiguous float32 \(channels,\)"):
+        cpu_kernels.group_norm(x, 32, weight[:32], weight, 1e-6, False, x)

@@ -10,7 +10,9 @@ widened to float32 in registers, so on CPUs without bf16 kernels bf16 steps read
 Two operators use it: ``torch.ops.uio_cpu.gemv`` (:func:`gemv`, one product) and
 ``torch.ops.uio_cpu.decoder_layer_step`` (:func:`decoder_layer_step`, a whole float32 or bfloat16 decoder layer
 of a step in one call, ~70 torch operations fewer per layer). A third, ``torch.ops.uio_cpu.transposed_copy``
-(:func:`copy`), lays the decoder's float32 weights out as (out, in) rows at load, which its products stream faster.
+(:func:`copy`), lays the decoder's float32 weights out as (out, in) rows at load, which its products stream faster;
+a fourth, ``torch.ops.uio_cpu.group_norm`` (:func:`group_norm`), runs the VQGAN's float32 GroupNorm and swish in
+three passes over the activation.
 
 :func:`load` compiles them with torch's C++ extension builder (a C++ compiler and ninja needed; ~20-60 s,
 once per machine: torch keeps the build in ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``);
@@ -34,7 +36,7 @@ from .hardware import cpu_has_bf16_kernels
 log = logging.getLogger(__name__)
 
 SOURCES = [str(Path(__file__).with_name(name))  # and cpu_kernels.h
-           for name in ("gemv.cpp", "decoder_step.cpp", "transpose.cpp")]
+           for name in ("gemv.cpp", "decoder_step.cpp", "transpose.cpp", "group_norm.cpp")]
 MAX_ROWS = 32  # rows the kernels take: a decoding step's, up to a batch of 32 (at 64 oneDNN's packed copies win)
 COMPILING_NOTICE_AFTER_S = 2.0  # a load taking longer is compiling: say so
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp links the libgomp torch has loaded: one runtime
@@ -141,6 +143,23 @@ def copy(dst: Tensor, src: Tensor) -> Tensor:
             and src.stride(1) >= src.shape[0] > 1):
         return torch.ops.uio_cpu.transposed_copy(dst, src)
     return dst.copy_(src)
+
+
+def serves_group_norm(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    """Whether the loaded kernel computes the VQGAN's GroupNorm of ``x`` by ``weight`` and ``bias``
+    (:func:`group_norm`): a channels-last float32 CPU activation, outside ``torch.compile``, with
+    no gradient wanted (it has no backward)."""
+    return (_loaded and enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))))
+
+
+def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float, swish: bool, out: Tensor) -> Tensor:
+    """``out`` = GroupNorm of ``x`` (``groups`` groups, float32 ``weight`` and ``bias``, two-pass
+    statistics), then swish where ``swish``, by the kernel (see :func:`serves_group_norm`); ``out``
+    (channels-last, x's shape) may be ``x`` itself."""
+    torch.ops.uio_cpu.group_norm(x, groups, weight, bias, eps, swish, out)
+    return out
 
 
 def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor]) -> bool:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uio.config import VAEConfig
+from uio.model import cpu_kernels
 from uio.model.embedding import Embedding
 from uio.model.hardware import cpu_has_bf16_kernels
 
@@ -141,11 +142,15 @@ def _group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor
     loses ~1e-3 absolute where a group's mean is large against its spread; that compounds to
     ~3e-3 error at the encoder output. Centring before squaring keeps the error at rounding level.
 
-    Without autograd the work streams over the activation in row chunks of ~1 MB, so the
-    temporaries (the centred squares) stay in cache: one pass for the means, one for
-    the centred variance, and one that writes ``x * scale + shift`` (and swish) - over ``x`` itself
-    with ``inplace``.
+    Without autograd, uio's CPU kernel does it where loaded (:func:`cpu_kernels.group_norm`: the
+    same three passes, without one per torch operation); otherwise the work streams over the
+    activation in row chunks of ~1 MB, so the temporaries (the centred squares) stay in cache: one
+    pass for the means, one for the centred variance, and one that writes ``x * scale + shift``
+    (and swish) - over ``x`` itself with ``inplace``.
     """
+    if cpu_kernels.serves_group_norm(x, weight, bias):
+        return cpu_kernels.group_norm(x, groups, weight.float(), bias.float(), eps, swish,
+                                      x if inplace else torch.empty_like(x))
     b, c, h, w = x.shape
     n = h * w
     per_group = c // groups
