@@ -677,10 +677,15 @@ class UnifiedIO(nn.Module):
 
     def layer_kernel_runs_steps(self, dtype: torch.dtype, rows: int) -> bool:
         """Whether uio's CPU kernel would run the decoder layers of eager steps of ``rows`` rows of this
-        model in ``dtype`` (see :func:`cpu_kernels.serves_decoder_layer`)."""
+        model in ``dtype``, with caches in ``dtype`` (asked of :func:`cpu_kernels.serves_decoder_layer`
+        on empty stand-ins for a step's tensors)."""
         weights = self.decoder.layers[0].kernel_weights()
-        return (self.compiled_step is None and weights is not None and weights[1].dtype == dtype
-                and weights[1].device.type == "cpu" and rows <= cpu_kernels.MAX_ROWS and cpu_kernels.in_use(dtype))
+        if self.compiled_step is not None or weights is None:
+            return False
+        cfg, device = self.cfg, weights[1].device
+        x = torch.empty(rows, 1, cfg.emb_dim, dtype=dtype, device=device)
+        cache = torch.empty(rows, cfg.num_heads, 1, cfg.head_dim, dtype=dtype, device=device)
+        return cpu_kernels.serves_decoder_layer(x, weights, [cache] * 4)
 
     def _transformer_modules(self) -> Iterator[tuple[nn.Module, bool]]:
         """Each encoder and decoder module, with whether it is the decoder's (see :func:`stores_transposed`)."""
