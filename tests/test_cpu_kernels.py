@@ -232,8 +232,9 @@ def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples
     """One decoding step of a layer, by the kernel and by torch, on copies of the same caches: with
     masked cached keys and encoder positions, a row whose keys are all masked (it attends to all of
     them uniformly), and keys shared by an example's rows. In bf16 (float32 caches, as models keep
-    them on the CPU) both round each operation's output to bf16: they agree up to a rare bf16 ulp
-    where float32 roundings before it differ (the norm's, the attention's)."""
+    them for torch's layers; bf16 ones give the kernel the same results, tested below) both round
+    each operation's output to bf16: they agree up to a rare bf16 ulp where float32 roundings before
+    it differ (the norm's, the attention's)."""
     from uio.model.transformer import masked
 
     skip_unless_layer_kernel_serves(dtype)
