@@ -610,3 +610,42 @@ def test_text_options_of_different_lengths_score_as_padded_ones(max_options, ave
     nll = -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0] * mask
     expected = nll.sum(1) / mask.sum(1) if average else nll.sum(1)
     torch.testing.assert_close(losses, expected.view(2, 5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call", ["encode", "decode", "generate", "score"])
+def test_projection_weights_replaced_after_fusing_are_fused_again(call):
+    """``load_state_dict(assign=True)`` replaces every weight: the fused matrices (and the traces
+    made of the old ones) follow before the next encoding, teacher-forced decoding, generation or
+    scoring, which computes what a model given the same weights in place computes. A call on
+    unchanged weights fuses nothing again."""
+    # In fp32's layout for every weight, which assigned weights are laid out in (see stores_transposed).
+    model, reference = (random_model().to(torch.float64).to(torch.float32) for _ in range(2))
+    kept = model.decoder.layers[0].mlp.fused_wi
+    if StepTraces.available:
+        model.enable_step_traces()
+    generate.beam_search(model, random_encoding(model, 1, 5), 8, 9, num_beams=2)  # traced, old weights
+    assert model.decoder.layers[0].mlp.fused_wi is kept
+    state = {name: tensor * 1.1 for name, tensor in model.state_dict().items()}
+    reference.load_state_dict(state)  # copied into the views of the fused matrices
+    enc = random_encoding(reference, 1, 5)
+    model.load_state_dict(state, assign=True)
+    assert not views_fused_qkv(model.decoder.layers[0].self_attention)
+    options = torch.tensor([[5, 9, 1], [7, 1, 0]])
+    text, none = options[:1], options[:1, :0]
+    run = {"encode": lambda m: [random_encoding(m, 1, 5).hidden],
+           "decode": lambda m: [m.decode(enc, text, none, text > 0, none > 0)],
+           "generate": lambda m: list(vars(generate.beam_search(m, enc, 8, 9, num_beams=2)).values()),
+           "score": lambda m: [generate.score_text_options(m, enc, options)]}[call]
+    got = run(model)
+    assert views_fused_qkv(model.decoder.layers[0].self_attention)
+    assert_generations_equal(got, run(reference))
+
+
+def test_submodules_converted_on_their_own_are_fused_again():
+    """Converting the encoder, decoder and embedding one by one decodes what converting the model does."""
+    model = random_model()
+    for part in (model.token_embedder, model.encoder, model.decoder):
+        part.to(torch.float64)
+    assert model.decoder.layers[0].self_attention.fused_qkv.dtype == torch.float32  # until the next call
+    assert_generations_equal(generations(model, traced=False), generations(random_model().to(torch.float64), False))
+    assert model.decoder.layers[0].self_attention.fused_qkv.dtype == torch.float64

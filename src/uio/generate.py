@@ -177,6 +177,13 @@ class _OptionPass:
     mask: Tensor
 
 
+def _shared_cross_kv(model: UnifiedIO, enc: EncoderOutput) -> list:
+    """The decoder's cross-attention keys/values of ``enc``, projected once for all option passes
+    (from the current weights: see :meth:`UnifiedIO.derive_again_if_replaced`)."""
+    model.derive_again_if_replaced()
+    return model.decoder.cross_kv(enc.hidden)
+
+
 def _option_pass(model: UnifiedIO, enc: EncoderOutput, cross_kv: list, text_inputs: Tensor, text_mask: Tensor,
                  image_inputs: Tensor, image_mask: Tensor, targets: Tensor, is_image: bool) -> _OptionPass:
     """Decode rows of options (``cross_kv``: the decoder's cross-attention keys/values of ``enc``)
@@ -245,7 +252,7 @@ def score_text_options(model: UnifiedIO, enc: EncoderOutput, options: Tensor, ma
     and the padding's losses do not count.
     """
     batch = enc.hidden.shape[0]
-    cross_kv = model.decoder.cross_kv(enc.hidden)
+    cross_kv = _shared_cross_kv(model, enc)
     positions = torch.arange(1, options.shape[1] + 1, device=options.device)
     lengths = ((options > 0) * positions).amax(dim=1)  # up to the last token (the EOS), padding after
     tile = lambda x: x.repeat(batch, 1)  # noqa: E731 - each example's options in a row (see UnifiedIO.decode)
@@ -274,7 +281,7 @@ def score_image_options(model: UnifiedIO, enc: EncoderOutput, option_codes: Tens
     """
     batch = enc.hidden.shape[0]
     start = model.cfg.vocab_size - 1
-    cross_kv = model.decoder.cross_kv(enc.hidden)
+    cross_kv = _shared_cross_kv(model, enc)
     passes = []
     for codes, masks in zip(option_codes.split(max_options), option_masks.split(max_options)):
         inputs = torch.cat([torch.full_like(codes[:, :1], start), codes[:, :-1]], dim=1).repeat(batch, 1)

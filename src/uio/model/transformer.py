@@ -206,6 +206,14 @@ def fuse_weights(linears: list[nn.Linear], device: torch.device | str = "cpu",
     return fused
 
 
+def views_of(fused: Tensor, linears: list[nn.Linear]) -> bool:
+    """Whether every one of ``linears`` still holds a view of ``fused`` (from :func:`fuse_weights`),
+    rather than a weight assigned or converted since, which the fused matrix would not follow."""
+    start = fused.data_ptr()
+    end = start + fused.numel() * fused.element_size()
+    return all(start <= m.weight.data_ptr() < end for m in linears)
+
+
 class HoldsPackedCopies(nn.Module):
     """A module keeping :func:`pack_weight` copies in ``self.packed``: opaque oneDNN tensors, which
     cannot be copied or pickled, so its copies start without them (UnifiedIO's pack again)."""
@@ -229,6 +237,10 @@ class MlpBlock(HoldsPackedCopies):
              decoder: bool = False) -> None:
         """Compute wi_0 and wi_1 with one matmul from now on (see :func:`fuse_weights`)."""
         self.fused_wi = fuse_weights([self.wi_0, self.wi_1], device, dtype, decoder)
+
+    def fusion_is_stale(self) -> bool:
+        """Whether a projection's weight is no longer a view of the fused matrix (see :func:`views_of`)."""
+        return self.fused_wi is not None and not views_of(self.fused_wi, [self.wi_0, self.wi_1])
 
     def prepack(self, pack: Callable[[Tensor], Tensor] = pack_weight) -> None:
         """Keep packed copies of the (fused) weights for :func:`linear`; call after :meth:`fuse`."""
@@ -261,6 +273,10 @@ class Attention(HoldsPackedCopies):
              decoder: bool = False) -> None:
         """Compute the query/key/value projections with one matmul from now on (see :func:`fuse_weights`)."""
         self.fused_qkv = fuse_weights([self.query, self.key, self.value], device, dtype, decoder)
+
+    def fusion_is_stale(self) -> bool:
+        """Whether a projection's weight is no longer a view of the fused matrix (see :func:`views_of`)."""
+        return self.fused_qkv is not None and not views_of(self.fused_qkv, [self.query, self.key, self.value])
 
     def prepack(self, which: str, pack: Callable[[Tensor], Tensor] = pack_weight) -> None:
         """Keep packed copies, for :func:`linear`, of the ``which`` projection (as in :meth:`project`)
@@ -671,9 +687,18 @@ class UnifiedIO(nn.Module):
         :func:`uio.checkpoint.load_into` to fill; otherwise call it after the weights are placed.
         """
         self.step_traces = None  # traces would keep the replaced weights
-        for module, decoder in self._transformer_modules():
-            if isinstance(module, (Attention, MlpBlock)):
-                module.fuse(device, dtype, decoder)
+        for module, decoder in self._fusing_modules():
+            module.fuse(device, dtype, decoder)
+
+    def derive_again_if_replaced(self) -> None:
+        """Derive the fused matrices, and with them the packed copies and traces, again where a
+        projection's weight is no longer a view of its fused matrix: replaced since by
+        ``load_state_dict(assign=True)``, by assigning a ``weight``, or by converting a submodule on
+        its own (``model.decoder.to(...)``). The fused matrices would go on computing with the old
+        weights. The model's own ``.to()`` derives them at once (see ``_apply``); encoding,
+        teacher-forced decoding and each generation check here first."""
+        if any(module.fusion_is_stale() for module, _ in self._fusing_modules()):
+            self._derive_again()
 
     def layer_kernel_runs_steps(self, dtype: torch.dtype, rows: int) -> bool:
         """Whether uio's CPU kernel would run the decoder layers of eager steps of ``rows`` rows of this
@@ -692,6 +717,13 @@ class UnifiedIO(nn.Module):
         for part in (self.encoder, self.decoder):
             for module in part.modules():
                 yield module, part is self.decoder
+
+    def _fusing_modules(self) -> Iterator[tuple[Attention | MlpBlock, bool]]:
+        """Each module with projections to fuse, with whether it is the decoder's."""
+        for layer in self.encoder.layers:
+            yield from ((layer.attention, False), (layer.mlp, False))
+        for layer in self.decoder.layers:
+            yield from ((layer.self_attention, True), (layer.encoder_decoder_attention, True), (layer.mlp, True))
 
     def output_rows(self, is_image: bool) -> slice:
         """The embedding rows a decoding step scores: image ids or text ids."""
@@ -823,6 +855,7 @@ class UnifiedIO(nn.Module):
         of answer options are the same as without, up to float rounding, at less work (a 4:3 image
         pads a quarter of its patches). Without it, every position is computed, padded ones as the
         reference computes them (their values are meaningless but deterministic)."""
+        self.derive_again_if_replaced()
         if text_mask is None:
             text_mask = tokens > 0
         if image_mask is None:
@@ -850,6 +883,7 @@ class UnifiedIO(nn.Module):
         """:meth:`decode`'s final hidden states (N, T+I, D), before the output embedding.
 
         ``cross_kv``: ``self.decoder.cross_kv(enc.hidden)``, for passes sharing one encoding."""
+        self.derive_again_if_replaced()
         dec = self.decoder
         rows_per_example, remainder = divmod(text_inputs.shape[0], enc.mask.shape[0])
         if remainder or not rows_per_example:
@@ -972,6 +1006,7 @@ class GraphedCaches:
     def take(self, model: "UnifiedIO", enc: EncoderOutput, text_length: int, image_length: int,
              rows_per_example: int = 1) -> DecoderCache:
         """A cache for this generation: a kept one of its shapes (refilled for ``enc``), or a new one."""
+        model.derive_again_if_replaced()
         if not model.cuda_graphs:
             return DecoderCache(model, enc, text_length, image_length, rows_per_example)
         key = (tuple(enc.hidden.shape), enc.hidden.dtype, enc.hidden.device, text_length, image_length,
