@@ -12,7 +12,8 @@ Two operators use it: ``torch.ops.uio_cpu.gemv`` (:func:`gemv`, one product) and
 of a step in one call, ~70 torch operations fewer per layer). A third, ``torch.ops.uio_cpu.transposed_copy``
 (:func:`copy`), lays the decoder's float32 weights out as (out, in) rows at load, which its products stream faster;
 a fourth, ``torch.ops.uio_cpu.group_norm`` (:func:`group_norm`), runs the VQGAN's float32 GroupNorm and swish in
-three passes over the activation.
+three passes over the activation; a fifth, ``torch.ops.uio_cpu.gated_gelu`` (:func:`gated_gelu`), the MLPs' gated
+GELU of any number of float32 rows (the encoder's, teacher-forced decoding's) in one pass.
 
 :func:`load` compiles them with torch's C++ extension builder (a C++ compiler and ninja needed; ~20-60 s,
 once per machine: torch keeps the build in ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``);
@@ -160,6 +161,22 @@ def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float,
     (channels-last, x's shape) may be ``x`` itself."""
     torch.ops.uio_cpu.group_norm(x, groups, weight, bias, eps, swish, out)
     return out
+
+
+def serves_gated_gelu(gate_up: Tensor) -> bool:
+    """Whether the loaded kernel computes the MLP's gated GELU of ``gate_up`` (:func:`gated_gelu`):
+    a contiguous float32 CPU tensor, outside ``torch.compile``, with no gradient wanted (it has no
+    backward)."""
+    return (_loaded and enabled and gate_up.device.type == "cpu" and gate_up.dtype == torch.float32
+            and gate_up.is_contiguous() and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and gate_up.requires_grad))
+
+
+def gated_gelu(gate_up: Tensor) -> Tensor:
+    """``gelu(gate) * up`` (tanh approximation) for ``gate_up`` = [gate | up] along its last
+    dimension, by the kernel (see :func:`serves_gated_gelu`): one pass instead of torch's two, the
+    arithmetic of the decoder layer kernel's MLP (tanh within a few ulp of torch's)."""
+    return torch.ops.uio_cpu.gated_gelu(gate_up)
 
 
 def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor]) -> bool:

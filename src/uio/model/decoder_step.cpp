@@ -264,6 +264,25 @@ void gated_gelu(const float* gate_up, int64_t rows, int64_t hidden, float* out, 
   round_if(half, out, rows * hidden);
 }
 
+// torch.ops.uio_cpu.gated_gelu: gelu(gate) * up for float32 rows of [gate | up] (the MLP's fused
+// input projection) of any number, in one pass over them on torch's threads (torch's gelu and mul
+// each make a pass, and write a tensor, of their own).
+at::Tensor gated_gelu_rows(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0 &&
+                  gate_up.is_contiguous(),
+              "gated_gelu: gate_up must be a contiguous float32 tensor with an even last dimension");
+  int64_t hidden = gate_up.size(-1) / 2, rows = hidden ? gate_up.numel() / (2 * hidden) : 0;
+  std::vector<int64_t> shape = gate_up.sizes().vec();
+  shape.back() = hidden;
+  at::Tensor out = at::empty(shape, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    gated_gelu(in + r0 * 2 * hidden, r1 - r0, hidden, o + r0 * hidden, false);
+  });
+  return out;
+}
+
 void check_weight(const at::Tensor& w, int64_t out, int64_t in, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(w.dim() == 2 && w.size(0) == out && w.size(1) == in, "decoder_layer_step: ", name, " must be (",
               out, ", ", in, "), got ", w.sizes());
@@ -372,4 +391,6 @@ TORCH_LIBRARY_FRAGMENT(uio_cpu, m) {
         "Tensor cross_keys, Tensor cross_values, Tensor cross_bias, Tensor mlp_norm, Tensor wi, Tensor wo, "
         "float eps) -> Tensor");
   m.impl("decoder_layer_step", c10::DispatchKey::CPU, &decoder_layer_step);
+  m.def("gated_gelu(Tensor gate_up) -> Tensor");
+  m.impl("gated_gelu", c10::DispatchKey::CPU, &gated_gelu_rows);
 }

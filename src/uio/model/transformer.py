@@ -248,10 +248,15 @@ class MlpBlock(HoldsPackedCopies):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused_wi is None:
-            gate, up = self.wi_0(x), self.wi_1(x)
+            activated = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
         else:
-            gate, up = linear(x, self.fused_wi, self.packed.get("wi")).chunk(2, dim=-1)
-        return linear(F.gelu(gate, approximate="tanh") * up, self.wo.weight, self.packed.get("wo"))
+            gate_up = linear(x, self.fused_wi, self.packed.get("wi"))
+            if cpu_kernels.serves_gated_gelu(gate_up):
+                activated = cpu_kernels.gated_gelu(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                activated = F.gelu(gate, approximate="tanh") * up
+        return linear(activated, self.wo.weight, self.packed.get("wo"))
 
 
 class Attention(HoldsPackedCopies):
