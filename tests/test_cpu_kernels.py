@@ -33,7 +33,8 @@ def stored_in_out(out_features: int, in_features: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 32])
+# Tiles: a row at a time (1-3 rows), every row of x per weight row (4-16: 5; 8; 8 and 4; 8 and 8), 2x4 (17, 32).
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 12, 16, 17, 32])
 @pytest.mark.parametrize("layout", ["in-out", "out-in", "in-out rows of a wider matrix", "out-in rows of a table"])
 def test_kernel_computes_x_times_weight_transposed(kernel, layout, rows, threads, dtype):
     torch.manual_seed(rows)

@@ -22,6 +22,12 @@ constexpr int64_t kMaxRows = 32;
 // rows the loads, not the memory, bound them (on a 2-core AMD EPYC, 16-32 rows 10-25% faster, 8
 // even); with fewer, one weight stream at a time reads faster (2 rows: tiles 5-10% slower).
 constexpr int64_t kTiledRows = 4;
+// Up to this many rows, products with (out, in) weights read each weight row once for every row of
+// x (tiles of up to 8 rows x 1 output), so the weights stream from memory evenly; tiles of 2 rows x
+// 4 outputs read each block of 4 weight rows from memory once, then three more times from cache,
+// in bursts. On a 2-core AMD EPYC the output embedding's product took 10-25% less time for 4-16
+// rows that way; from 18 rows on the 2x4 tiles' fewer loads per FMA win (24-32 rows: 20-30%).
+constexpr int64_t kStreamedRows = 16;
 
 // Eight weights as float32: loaded, or widened from bfloat16 (its bits are a float32's upper half).
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
@@ -141,10 +147,31 @@ void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t in, 
   }
 }
 
+// y[r, 0] = dot(x[r, :], w[0, :]) for every row r of x: one pass over the weight row (w), tiles of 8 rows.
+template <typename W>
+void dot_every_row(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t in, float* y,
+                   int64_t out) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) dot_tile<8, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out);
+  switch (rows - r) {  // the rest in one tile (a tile per leftover row made 5-7 rows slower)
+    case 1: dot_tile<1, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
+    case 2: dot_tile<2, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
+    case 3: dot_tile<3, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
+    case 4: dot_tile<4, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
+    case 5: dot_tile<5, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
+    case 6: dot_tile<6, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
+    case 7: dot_tile<7, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
+  }
+}
+
 // y[r, o] = dot(x[r, :], w[o, :]) for o in [o0, o1)   (w: out rows of `in` values, row stride ldw)
 template <typename W>
 void dot_output_rows(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t in,
                      int64_t o0, int64_t o1, float* y, int64_t out) {
+  if (rows >= kTiledRows && rows <= kStreamedRows) {
+    for (int64_t o = o0; o < o1; ++o) dot_every_row(x, ldx, rows, w + o * ldw, ldw, in, y + o, out);
+    return;
+  }
   if (rows >= kTiledRows) {  // tiles of 2 rows x 4 outputs (the rest: 1 row, 1 output)
     int64_t o = o0;
     for (; o + 4 <= o1; o += 4) {
