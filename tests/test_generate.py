@@ -333,7 +333,10 @@ def test_graphs_are_kept_for_later_calls_of_the_same_shapes(monkeypatch):
     mlp = model.decoder.layers[0].mlp
     mlp.wo.weight = torch.nn.Parameter(mlp.wo.weight.clone(), requires_grad=False)
     generate.beam_search(model, random_encoding(model, 1, 5), 3, 4, num_beams=2)
-    assert len(recorded) == 4  # graphs read the weights where they were: a replaced weight records anew
+    # Graphs read the weights where they were recorded: a replaced weight drops them (the model
+    # derives its forms again, see derive_again_if_replaced), and on the CPU turns to traces.
+    assert len(kept) == 0 and len(recorded) == 3 and not model.cuda_graphs
+    model.cuda_graphs = True
     for length in range(7, 7 + transformer.MAX_IDLE_GRAPHED_CACHES):
         generate.beam_search(model, random_encoding(model, 1, length), 3, 4, num_beams=2)
     assert len(kept) == transformer.MAX_IDLE_GRAPHED_CACHES
@@ -639,6 +642,27 @@ def test_projection_weights_replaced_after_fusing_are_fused_again(call):
     got = run(model)
     assert views_fused_qkv(model.decoder.layers[0].self_attention)
     assert_generations_equal(got, run(reference))
+
+
+def test_other_weights_replaced_after_tracing_are_traced_again():
+    """Replacing weights that are no fused projection's (an output projection's ``.data``, a norm's
+    parameter) drops the traces and packed copies made of the old ones: the next generation decodes
+    what a model given the same weights in place decodes."""
+    # In fp32's layout for every weight, which the replaced weights keep (see stores_transposed).
+    model, reference = (random_model(packed=packed_matmul_supported(torch.float32)).to(torch.float64)
+                        .to(torch.float32) for _ in range(2))
+    if StepTraces.available:
+        model.enable_step_traces()
+    enc = random_encoding(model, 1, 5)
+    generate.beam_search(model, enc, 8, 9, num_beams=2)  # traced, old weights
+    out, norm = model.decoder.layers[0].mlp.wo, model.decoder.decoder_norm
+    new_out, new_norm = out.weight * 1.5, norm.weight * 0.5
+    reference.decoder.layers[0].mlp.wo.weight.copy_(new_out)
+    reference.decoder.decoder_norm.weight.copy_(new_norm)
+    out.weight.data = new_out
+    norm.weight = torch.nn.Parameter(new_norm, requires_grad=False)
+    got, expected = (generate.beam_search(m, enc, 8, 9, num_beams=2) for m in (model, reference))
+    assert_generations_equal([got.tokens, got.scores], [expected.tokens, expected.scores])
 
 
 def test_submodules_converted_on_their_own_are_fused_again():

@@ -336,3 +336,23 @@ def test_concurrent_calls_give_what_calls_in_turn_give(conformance, test_image, 
     for depth in depths:
         np.testing.assert_array_equal(depth, runner.depth(test_image)["image"])
     assert not [w for w in recwarn if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+def test_calls_derive_nothing_again_until_a_weight_changes(conformance, test_image):
+    """A loaded runner's fused matrices and traces serve call after call; loading other weights
+    into it in place (``load_state_dict``) makes the next call derive them again, from those weights,
+    outside inference mode (a later load could not write into inference tensors)."""
+    runner = make_runner(conformance)
+    model = runner.model
+    fused = model.decoder.layers[0].mlp.fused_wi
+    first = runner.vqa(test_image, "what is this?")
+    traces = model.step_traces
+    assert runner.vqa(test_image, "what is this?")["score"] == first["score"]
+    assert model.decoder.layers[0].mlp.fused_wi is fused and model.step_traces is traces
+    model.load_state_dict({name: tensor * 1.1 for name, tensor in model.state_dict().items()})
+    changed = runner.vqa(test_image, "what is this?")
+    fused_again = model.decoder.layers[0].mlp.fused_wi
+    assert fused_again is not fused and not fused_again.is_inference()
+    assert (traces is None or model.step_traces is not traces) and changed["score"] != first["score"]
+    model.load_state_dict({name: tensor / 1.1 for name, tensor in model.state_dict().items()})
+    np.testing.assert_allclose(runner.vqa(test_image, "what is this?")["score"], first["score"], rtol=1e-4)

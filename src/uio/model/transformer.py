@@ -683,6 +683,9 @@ class UnifiedIO(nn.Module):
         # uio's CPU kernels do not serve the steps (see wants_packed_copies).
         self.keeps_packed: bool | None = False
         self.graphed_caches = GraphedCaches()  # decoder caches kept with their CUDA graphs
+        # The weights (addresses, versions) the fused, packed, traced and compiled forms were made
+        # from (see derive_again_if_replaced); None before any was made from loaded weights.
+        self.derived_from: tuple[tuple[int, int], ...] | None = None
 
     def fuse_projections(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         """Fuse each attention's q/k/v and each MLP's input projections into single matmuls.
@@ -694,16 +697,36 @@ class UnifiedIO(nn.Module):
         self.step_traces = None  # traces would keep the replaced weights
         for module, decoder in self._fusing_modules():
             module.fuse(device, dtype, decoder)
+        self._remember_weights()
 
     def derive_again_if_replaced(self) -> None:
-        """Derive the fused matrices, and with them the packed copies and traces, again where a
-        projection's weight is no longer a view of its fused matrix: replaced since by
-        ``load_state_dict(assign=True)``, by assigning a ``weight``, or by converting a submodule on
-        its own (``model.decoder.to(...)``). The fused matrices would go on computing with the old
-        weights. The model's own ``.to()`` derives them at once (see ``_apply``); encoding,
-        teacher-forced decoding and each generation check here first."""
-        if any(module.fusion_is_stale() for module, _ in self._fusing_modules()):
-            self._derive_again()
+        """Derive the fused matrices, packed copies, traces and compiled steps again where a weight
+        of the encoder, decoder or embedding changed since they were made: replaced by
+        ``load_state_dict(assign=True)``, by assigning a ``weight`` or its ``.data``, or by converting
+        a submodule on its own (``model.decoder.to(...)``), or updated in place by torch's operations
+        (``load_state_dict``, ``weight.copy_(...)``: their version counters move). The fused matrices
+        would go on computing with replaced weights, packed copies with updated ones too. The
+        model's own ``.to()`` derives them at once (see ``_apply``); encoding, teacher-forced
+        decoding, each generation and each scoring check here first. (Updates through ``.data``
+        move no counter: traces and fused matrices read them in place, packed copies miss them.)"""
+        if self.derived_from is not None:
+            changed = self._weight_state() != self.derived_from
+        else:  # fused on the meta device, nothing made from the loaded weights yet but the fused matrices
+            changed = any(module.fusion_is_stale() for module, _ in self._fusing_modules())
+        if changed:
+            with torch.inference_mode(False):  # generations run in inference mode; the new weights must not
+                self._derive_again()
+
+    def _weight_state(self) -> tuple[tuple[int, int], ...]:
+        parts = (self.token_embedder, self.encoder, self.decoder)
+        # _version counts a tensor's in-place updates (autograd's own check that saved tensors are
+        # unchanged); tensors made in inference mode have none.
+        return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for part in parts for p in part.parameters())
+
+    def _remember_weights(self) -> None:
+        """Note the weights the derived forms are made from now (not while any is still on meta)."""
+        state = self._weight_state()
+        self.derived_from = None if any(address == 0 for address, _ in state) else state
 
     def layer_kernel_runs_steps(self, dtype: torch.dtype, rows: int) -> bool:
         """Whether uio's CPU kernel would run the decoder layers of eager steps of ``rows`` rows of this
@@ -748,6 +771,7 @@ class UnifiedIO(nn.Module):
             layer.mlp.prepack(pack)
         table = self.token_embedder.weight
         self.packed_output_rows = {image: pack(table[self.output_rows(image)]) for image in (False, True)}
+        self._remember_weights()
 
     def drop_packed(self) -> None:
         """Free the copies made by :meth:`prepack_decoder` (conversions no longer make them again)."""
@@ -817,6 +841,7 @@ class UnifiedIO(nn.Module):
         self.cuda_graphs = recorded and weight.device.type == "cuda"
         if self.compiled_step is not None:
             self.enable_compile()
+        self._remember_weights()
 
     def enable_compile(self) -> None:
         """Use ``torch.compile`` for the encoder and for the decoder step, whose shapes are fixed
@@ -836,6 +861,7 @@ class UnifiedIO(nn.Module):
         setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         self.encoder.compile(dynamic=False)
         self.compiled_step = torch.compile(_decode_step, dynamic=False)
+        self._remember_weights()
 
     def enable_step_traces(self) -> None:
         """Run eager decoding steps from TorchScript traces from now on (see :class:`StepTraces`):
@@ -849,6 +875,7 @@ class UnifiedIO(nn.Module):
             raise ValueError(f"step traces need frozen weights, but {trainable} requires grad: call "
                              "model.requires_grad_(False) first")
         self.step_traces = StepTraces()
+        self._remember_weights()
 
     def encode(self, tokens: Tensor, images: Tensor, text_mask: Tensor | None = None,
                image_mask: Tensor | None = None, skip_padding: bool = False) -> EncoderOutput:
@@ -887,8 +914,10 @@ class UnifiedIO(nn.Module):
                       image_mask: Tensor, cross_kv: list | None = None) -> Tensor:
         """:meth:`decode`'s final hidden states (N, T+I, D), before the output embedding.
 
-        ``cross_kv``: ``self.decoder.cross_kv(enc.hidden)``, for passes sharing one encoding."""
-        self.derive_again_if_replaced()
+        ``cross_kv``: ``self.decoder.cross_kv(enc.hidden)``, for passes sharing one encoding (whose
+        caller checks :meth:`derive_again_if_replaced` once for all of them)."""
+        if cross_kv is None:
+            self.derive_again_if_replaced()
         dec = self.decoder
         rows_per_example, remainder = divmod(text_inputs.shape[0], enc.mask.shape[0])
         if remainder or not rows_per_example:
