@@ -107,11 +107,20 @@ def serves(x: Tensor, weight: Tensor) -> bool:
     return (_takes(x) and x.dtype == weight.dtype and serves_dtype(x.dtype) and _rows_or_columns_contiguous(weight))
 
 
+def _runs_on(x: Tensor) -> bool:
+    """What every kernel needs: loaded and enabled, ``x`` on the CPU, outside ``torch.compile``
+    (whose graphs use their own kernels)."""
+    return _loaded and enabled and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _takes(x: Tensor) -> bool:
-    """What both kernels need of their input: loaded and enabled, on the CPU, at most ``MAX_ROWS``
-    rows, outside ``torch.compile`` (whose graphs use their own kernels)."""
-    return (_loaded and enabled and x.device.type == "cpu" and x.shape[:-1].numel() <= MAX_ROWS
-            and not torch.compiler.is_compiling())
+    """What the product and layer kernels need of their input besides: at most ``MAX_ROWS`` rows."""
+    return _runs_on(x) and x.shape[:-1].numel() <= MAX_ROWS
+
+
+def _no_gradient_wanted(*tensors: Tensor) -> bool:
+    """The kernels have no backward: they serve only where no gradient of ``tensors`` is wanted."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _rows_or_columns_contiguous(weight: Tensor) -> bool:
@@ -150,9 +159,8 @@ def serves_group_norm(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
     """Whether the loaded kernel computes the VQGAN's GroupNorm of ``x`` by ``weight`` and ``bias``
     (:func:`group_norm`): a channels-last float32 CPU activation, outside ``torch.compile``, with
     no gradient wanted (it has no backward)."""
-    return (_loaded and enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))))
+    return (_runs_on(x) and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and _no_gradient_wanted(x, weight, bias))
 
 
 def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float, swish: bool, out: Tensor) -> Tensor:
@@ -167,9 +175,8 @@ def serves_gated_gelu(gate_up: Tensor) -> bool:
     """Whether the loaded kernel computes the MLP's gated GELU of ``gate_up`` (:func:`gated_gelu`):
     a contiguous float32 CPU tensor, outside ``torch.compile``, with no gradient wanted (it has no
     backward)."""
-    return (_loaded and enabled and gate_up.device.type == "cpu" and gate_up.dtype == torch.float32
-            and gate_up.is_contiguous() and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and gate_up.requires_grad))
+    return (_runs_on(gate_up) and gate_up.dtype == torch.float32 and gate_up.is_contiguous()
+            and _no_gradient_wanted(gate_up))
 
 
 def gated_gelu(gate_up: Tensor) -> Tensor:
@@ -185,11 +192,10 @@ def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor])
     on the CPU, weights in x's dtype where :func:`serves_dtype` (float32, or bfloat16 on a CPU
     without bf16 kernels), caches all float32 or all in x's dtype, at most ``MAX_ROWS`` rows, weights
     whose rows or columns are contiguous, contiguous caches, and no gradients wanted (it has no backward)."""
-    tensors = [x, *weights, *caches]
     return (_takes(x) and serves_dtype(x.dtype) and all(w.dtype == x.dtype for w in weights)
             and caches[0].dtype in (torch.float32, x.dtype) and all(c.dtype == caches[0].dtype for c in caches)
             and all(_rows_or_columns_contiguous(w) for w in weights) and all(t.is_contiguous() for t in caches)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+            and _no_gradient_wanted(x, *weights, *caches))
 
 
 def decoder_layer_step(x: Tensor, weights: list[Tensor], cache: tuple[Tensor, Tensor, Tensor], self_bias: Tensor,
