@@ -66,6 +66,8 @@ def test_kernel_handles_sizes_off_its_vector_width(kernel, out_features, in_feat
 
 
 def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
+    from uio.model.transformer import linear
+
     weight, x = stored_in_out(64, 32), torch.randn(8, 32)
     assert cpu_kernels.serves(x, weight) and cpu_kernels.serves(x[:1], weight.T.contiguous().T)
     assert cpu_kernels.serves(torch.randn(cpu_kernels.MAX_ROWS, 32), weight)
@@ -73,6 +75,12 @@ def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
     assert cpu_kernels.serves(x.bfloat16(), weight.bfloat16()) != cpu_has_bf16_kernels()  # oneDNN's serve there
     assert not cpu_kernels.serves(x.double(), weight.double())
     assert not cpu_kernels.serves(x, torch.randn(64, 64)[:, ::2])  # neither rows nor columns contiguous
+    trained = torch.nn.Parameter(weight.detach().clone())
+    assert not cpu_kernels.serves(x, trained)  # gradients wanted: the kernel has no backward
+    with torch.no_grad():
+        assert cpu_kernels.serves(x, trained)
+    linear(x, trained).sum().backward()
+    torch.testing.assert_close(trained.grad, x.sum(0).expand(64, 32))
     monkeypatch.setattr(cpu_kernels, "enabled", False)
     assert not cpu_kernels.serves(x, weight)
     with pytest.raises(RuntimeError, match=f"at most {cpu_kernels.MAX_ROWS} rows"):

@@ -103,8 +103,10 @@ def available() -> bool:
 def serves(x: Tensor, weight: Tensor) -> bool:
     """Whether the loaded kernel computes ``x @ weight.T``: on the CPU, in float32, or in bfloat16 on a
     CPU without bf16 kernels (where torch emulates them; elsewhere oneDNN's are measured to serve),
-    at most ``MAX_ROWS`` rows, a weight whose rows or columns are contiguous."""
-    return (_takes(x) and x.dtype == weight.dtype and serves_dtype(x.dtype) and _rows_or_columns_contiguous(weight))
+    at most ``MAX_ROWS`` rows, a weight whose rows or columns are contiguous, no gradient wanted (it has
+    no backward)."""
+    return (_takes(x) and x.dtype == weight.dtype and serves_dtype(x.dtype) and _rows_or_columns_contiguous(weight)
+            and _no_gradient_wanted(x, weight))
 
 
 def _runs_on(x: Tensor) -> bool:
