@@ -414,6 +414,93 @@ def test_gated_gelu_kernel_refuses_what_it_does_not_compute(kernel):
         cpu_kernels.gated_gelu(torch.randn(4, 8).bfloat16())
 
 
+def cross_entropy_by_float64(logits: torch.Tensor, targets: torch.Tensor, divisor: float) -> tuple:
+    """(loss in float64, the scale of float32's rounding of it: an ulp of the largest term it sums)."""
+    import torch.nn.functional as F
+
+    scaled = logits.double() / divisor
+    loss = F.cross_entropy(scaled, targets, reduction="none")
+    largest = scaled.amax(-1).abs() + scaled.gather(1, targets[:, None])[:, 0].abs() + loss.abs()
+    return loss, torch.finfo(torch.float32).eps * largest
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows, classes", [(253, 33152), (7, 16384), (5, 13), (3, 1)])
+def test_cross_entropy_kernel_is_as_close_to_float64_as_torchs(kernel, rows, classes, threads):
+    """-log softmax(logits / divisor)[target] against float64: within 4 float32 ulps of its largest
+    term, as torch's float32 F.cross_entropy of the divided logits is, for class counts on and off
+    the vector width, rows split between 1-3 threads."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(threads)
+    logits, targets, divisor = torch.randn(rows, classes) * 30, torch.randint(0, classes, (rows,)), 512 ** 0.5
+    expected, ulp = cross_entropy_by_float64(logits, targets, divisor)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.scaled_cross_entropy(logits, targets, divisor)
+    finally:
+        torch.set_num_threads(before)
+    by_torch = F.cross_entropy(logits / divisor, targets, reduction="none")
+    assert got.shape == (rows,) and got.dtype == torch.float32
+    for result in (by_torch, got):
+        assert ((result.double() - expected).abs() <= 4 * ulp).all()
+
+
+def test_cross_entropy_kernel_gives_torchs_losses_for_masked_and_nan_logits(kernel):
+    """Logits of -inf (masked classes) add nothing, as in torch; a NaN logit makes its row's loss
+    NaN, as in torch, where the kernel's exp alone would turn it into a number."""
+    import torch.nn.functional as F
+
+    logits = torch.randn(4, 40)
+    logits[0, 20:] = -float("inf")
+    logits[1, 3] = float("nan")
+    logits[2, 39] = float("nan")  # past the last full vector
+    targets = torch.tensor([2, 0, 5, 7])
+    got = cpu_kernels.scaled_cross_entropy(logits, targets, 3.0)
+    by_torch = F.cross_entropy(logits / 3.0, targets, reduction="none")
+    assert got[1:3].isnan().all() and by_torch[1:3].isnan().all()
+    torch.testing.assert_close(got[[0, 3]], by_torch[[0, 3]], rtol=1e-6, atol=1e-6)
+
+
+def test_answer_options_are_scored_by_the_cross_entropy_kernel_only_where_it_serves(kernel, monkeypatch):
+    """Ranking options computes its losses with the kernel (and with torch where kernels are off,
+    within float32 rounding of each other); logits that want gradients go to torch."""
+    from uio import generate
+    from uio.model.transformer import negative_log_likelihood
+    from test_generate import random_encoding, random_model
+
+    calls = []
+    by_kernel = cpu_kernels.scaled_cross_entropy
+    monkeypatch.setattr(cpu_kernels, "scaled_cross_entropy", lambda *args: calls.append(args) or by_kernel(*args))
+    model = random_model()
+    enc = random_encoding(model, 2, 5)
+    options = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 1]])
+    served = generate.score_text_options(model, enc, options)
+    assert len(calls) == 1  # one chunk of logits
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    by_torch = generate.score_text_options(model, enc, options)
+    monkeypatch.setattr(cpu_kernels, "enabled", True)
+    torch.testing.assert_close(served, by_torch, rtol=1e-6, atol=1e-6)
+    hidden = torch.randn(3, model.cfg.emb_dim, requires_grad=True)
+    loss = negative_log_likelihood(hidden, model.token_embedder, slice(0, 50), torch.tensor([1, 2, 3]))
+    loss.sum().backward()
+    assert len(calls) == 1 and hidden.grad is not None
+
+
+def test_cross_entropy_kernel_refuses_what_it_does_not_compute(kernel):
+    targets = torch.tensor([0, 1])
+    for logits in (torch.randn(2, 8).bfloat16(), torch.randn(8, 2).T, torch.randn(2, 0)):
+        with pytest.raises(RuntimeError, match="contiguous float32"):
+            cpu_kernels.scaled_cross_entropy(logits, targets, 2.0)
+    with pytest.raises(RuntimeError, match="target 8 out of range for 8 classes"):
+        cpu_kernels.scaled_cross_entropy(torch.randn(2, 8), torch.tensor([0, 8]), 2.0)
+    with pytest.raises(RuntimeError, match="one per row"):
+        cpu_kernels.scaled_cross_entropy(torch.randn(2, 8), torch.tensor([0]), 2.0)
+    with pytest.raises(RuntimeError, match="divisor must be positive"):
+        cpu_kernels.scaled_cross_entropy(torch.randn(2, 8), targets, 0.0)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape, groups", [((2, 64, 9, 7), 32), ((1, 40, 5, 7), 8), ((1, 512, 16, 16), 32)])
 @pytest.mark.parametrize("swish", [False, True])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model.transformer import EncoderOutput, UnifiedIO, decode_step, logits_from_hidden
+from .model.transformer import EncoderOutput, UnifiedIO, decode_step, negative_log_likelihood
 
 BOS, EOS = 0, 1
 BEAM_NEG_INF = -1.0e7  # the reference's NEG_INF for dead beams and filtered logits
@@ -210,7 +210,7 @@ def _option_losses(model: UnifiedIO, passes: list[_OptionPass], is_image: bool, 
     # Some positions at a time: hundreds of options' logits would take gigabytes at once. (Text
     # rows are the larger part: vocab_size bounds the logits of a position either way.)
     per_chunk = max(1, LOGITS_CHUNK_ELEMS // model.cfg.vocab_size)
-    nll = torch.cat([_negative_log_likelihood(model, h, y, rows)
+    nll = torch.cat([negative_log_likelihood(h, model.token_embedder, rows, y)
                      for h, y in zip(hidden.split(per_chunk), targets.split(per_chunk))])
     losses = []
     for p, counted_nll in zip(passes, nll.split([len(p.targets) for p in passes])):
@@ -219,12 +219,6 @@ def _option_losses(model: UnifiedIO, passes: list[_OptionPass], is_image: bool, 
         loss = per_position.sum(dim=1)
         losses.append(loss / p.mask.sum(dim=1) if average else loss)
     return losses
-
-
-def _negative_log_likelihood(model: UnifiedIO, hidden: Tensor, targets: Tensor, rows: slice) -> Tensor:
-    """-log p(target) (N,) under the logits of embedding ``rows`` for ``hidden`` (N, D)."""
-    logits = logits_from_hidden(hidden, model.token_embedder, rows)
-    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def _text_option_batch(options: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,7 +13,9 @@ of a step in one call, ~70 torch operations fewer per layer). A third, ``torch.o
 (:func:`copy`), lays the decoder's float32 weights out as (out, in) rows at load, which its products stream faster;
 a fourth, ``torch.ops.uio_cpu.group_norm`` (:func:`group_norm`), runs the VQGAN's float32 GroupNorm and swish in
 three passes over the activation; a fifth, ``torch.ops.uio_cpu.gated_gelu`` (:func:`gated_gelu`), the MLPs' gated
-GELU of any number of float32 rows (the encoder's, teacher-forced decoding's) in one pass.
+GELU of any number of float32 rows (the encoder's, teacher-forced decoding's) in one pass; a sixth,
+``torch.ops.uio_cpu.scaled_cross_entropy`` (:func:`scaled_cross_entropy`), answer options' losses from the output
+layer's unscaled logits, without writing the scaled logits or their log-softmax.
 
 :func:`load` compiles them with torch's C++ extension builder (a C++ compiler and ninja needed; ~20-60 s,
 once per machine: torch keeps the build in ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``);
@@ -37,7 +39,7 @@ from .hardware import cpu_has_bf16_kernels
 log = logging.getLogger(__name__)
 
 SOURCES = [str(Path(__file__).with_name(name))  # and cpu_kernels.h
-           for name in ("gemv.cpp", "decoder_step.cpp", "transpose.cpp", "group_norm.cpp")]
+           for name in ("gemv.cpp", "decoder_step.cpp", "transpose.cpp", "group_norm.cpp", "cross_entropy.cpp")]
 MAX_ROWS = 32  # rows the kernels take: a decoding step's, up to a batch of 32 (at 64 oneDNN's packed copies win)
 COMPILING_NOTICE_AFTER_S = 2.0  # a load taking longer is compiling: say so
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp links the libgomp torch has loaded: one runtime
@@ -186,6 +188,22 @@ def gated_gelu(gate_up: Tensor) -> Tensor:
     dimension, by the kernel (see :func:`serves_gated_gelu`): one pass instead of torch's two, the
     arithmetic of the decoder layer kernel's MLP (tanh within a few ulp of torch's)."""
     return torch.ops.uio_cpu.gated_gelu(gate_up)
+
+
+def serves_cross_entropy(logits: Tensor) -> bool:
+    """Whether the loaded kernel computes losses from ``logits`` (:func:`scaled_cross_entropy`): a
+    contiguous float32 CPU matrix, outside ``torch.compile``, with no gradient wanted (it has no
+    backward)."""
+    return (_runs_on(logits) and logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_contiguous()
+            and _no_gradient_wanted(logits))
+
+
+def scaled_cross_entropy(logits: Tensor, targets: Tensor, divisor: float) -> Tensor:
+    """``F.cross_entropy(logits / divisor, targets, reduction="none")`` by the kernel (see
+    :func:`serves_cross_entropy`): two passes over each row of ``logits`` (N, C) and nothing written
+    but the N losses, where torch writes the divided logits and their log-softmax (exp within a few
+    ulp of torch's, summed in another order)."""
+    return torch.ops.uio_cpu.scaled_cross_entropy(logits, targets, divisor)
 
 
 def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor]) -> bool:

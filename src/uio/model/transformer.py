@@ -659,8 +659,24 @@ def logits_from_hidden(hidden: Tensor, token_embedder: nn.Embedding, rows: slice
                        packed: Tensor | None = None) -> Tensor:
     """Shared-embedding output layer (divided by sqrt(emb_dim)), optionally for a row range only
     (``packed``: that range's :func:`pack_weight`)."""
+    return _unscaled_logits(hidden, token_embedder, rows, packed) / math.sqrt(hidden.shape[-1])
+
+
+def _unscaled_logits(hidden: Tensor, token_embedder: nn.Embedding, rows: slice | None = None,
+                     packed: Tensor | None = None) -> Tensor:
     table = token_embedder.weight if rows is None else token_embedder.weight[rows]
-    return linear(hidden, table, packed).float() / math.sqrt(hidden.shape[-1])
+    return linear(hidden, table, packed).float()
+
+
+def negative_log_likelihood(hidden: Tensor, token_embedder: nn.Embedding, rows: slice, targets: Tensor) -> Tensor:
+    """-log p(target) (N,) under the output layer's logits of embedding ``rows`` for ``hidden`` (N, D):
+    ``F.cross_entropy`` of :func:`logits_from_hidden`, where uio's CPU kernel serves it without
+    writing the scaled logits and their log-softmax (see :func:`cpu_kernels.scaled_cross_entropy`)."""
+    logits = _unscaled_logits(hidden, token_embedder, rows)
+    divisor = math.sqrt(hidden.shape[-1])
+    if cpu_kernels.serves_cross_entropy(logits):
+        return cpu_kernels.scaled_cross_entropy(logits, targets, divisor)
+    return F.cross_entropy(logits / divisor, targets, reduction="none")
 
 
 class UnifiedIO(nn.Module):
