@@ -132,8 +132,13 @@ def encoder_flops(cfg, text_tokens: int, image_patches: int, batch: int) -> floa
     s, d, inner, m = text_tokens + image_patches, cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
     per_layer = 2 * s * (4 * d * inner + 3 * d * m) + 4 * s * s * inner
     patches = 2 * image_patches * cfg.image_patch_size ** 2 * 3 * d
-    cross_kv = cfg.num_decoder_layers * 2 * s * d * 2 * inner
-    return batch * (cfg.num_encoder_layers * per_layer + patches + cross_kv)
+    return batch * (cfg.num_encoder_layers * per_layer + patches) + cross_kv_flops(cfg, s, batch)
+
+
+def cross_kv_flops(cfg, encoder_length: int, batch: int) -> float:
+    """Every decoder layer's projection of the encoder's output into cross-attention keys and
+    values, which a generation makes once, before its first step."""
+    return batch * cfg.num_decoder_layers * 2 * encoder_length * cfg.emb_dim * 2 * cfg.num_heads * cfg.head_dim
 
 
 def option_flops(cfg, options: int, positions: int, encoder_length: int) -> float:
@@ -312,8 +317,10 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
     positions = runner.tokenizer(labels).shape[1] + 1  # start token, the labels' ids and EOS
     calls = {  # name: (batch, call, work as [matmul FLOPs, conv FLOPs, streamed bytes])
         "vqa": (1, lambda: runner.vqa(image, "What color is the sofa?"), enc + 32 * text_step + image_step),
-        # VQA's 33 decoding steps alone (no encoder): the steps' time against their bandwidth floor.
-        "vqa steps": (1, lambda: generate.beam_search(runner.model, encoded, 32, 1), 32 * text_step + image_step),
+        # VQA's 33 decoding steps alone (no encoder): the steps' time against their bandwidth floor,
+        # and the cross-attention keys/values the generation projects before them.
+        "vqa steps": (1, lambda: generate.beam_search(runner.model, encoded, 32, 1),
+                      [cross_kv_flops(cfg, encoder_length, 1), 0, 0] + 32 * text_step + image_step),
         "depth (beam)": (1, lambda: runner.depth(image, beam_search=True), depth),
         "depth (sampling)": (1, lambda: runner.depth(image), depth),
         "vqgan decode": (1, lambda: runner._decode_images(torch.zeros(1, 256, dtype=torch.long, device=device)), vq),
