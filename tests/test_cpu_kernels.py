@@ -57,12 +57,22 @@ def test_kernel_computes_x_times_weight_transposed(kernel, layout, rows, threads
     torch.testing.assert_close(got, expected, **tolerance)
 
 
-@pytest.mark.parametrize("rows", [3, 5])  # a row at a time; tiles of rows
+@pytest.mark.parametrize("rows", [1, 3, 5])  # rows from three parts of the outputs at once; tiles of rows
 @pytest.mark.parametrize("out_features, in_features", [(13, 37), (9, 5), (1, 3), (40, 70)])
 def test_kernel_handles_sizes_off_its_vector_width(kernel, out_features, in_features, rows):
     x = torch.randn(rows, in_features)
     for weight in (stored_in_out(out_features, in_features), torch.randn(out_features, in_features)):
         torch.testing.assert_close(kernel(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_an_output_of_a_few_rows_is_summed_alike_wherever_its_weight_row_lies(kernel, rows):
+    """Products of 1-3 rows read weight rows from three parts of a thread's outputs at once: each
+    output gets the same bits as when its weight row is multiplied alone."""
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 100), torch.randn(61, 100)
+    alone = torch.cat([kernel(x, weight[o:o + 1]) for o in range(61)], dim=1)
+    assert torch.equal(kernel(x, weight), alone)
 
 
 def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
