@@ -19,19 +19,15 @@ namespace uio_cpu {
 
 constexpr int64_t kMaxRows = 32;
 // From this many rows on, products share each loaded weight vector between rows (tiles): with more
-// rows the loads, not the memory, bound them (on a 2-core AMD EPYC, 16-32 rows 10-25% faster, 8
-// even); with fewer, one weight stream at a time reads faster (2 rows: tiles 5-10% slower).
+// rows the loads, not the memory, bound them; with fewer, one weight stream at a time reads faster
+// (2 rows: tiles 5-10% slower on a 2-core AMD EPYC).
 constexpr int64_t kTiledRows = 4;
-// Up to this many rows, products with (out, in) weights read each weight row once for every row of
-// x (tiles of up to 8 rows x 1 output), so the weights stream from memory evenly; tiles of 2 rows x
-// 4 outputs read each block of 4 weight rows from memory once, then three more times from cache,
-// in bursts. On a 2-core AMD EPYC the output embedding's product took 10-25% less time for 4-16
-// rows that way; from 18 rows on the 2x4 tiles' fewer loads per FMA win (24-32 rows: 20-30%).
-constexpr int64_t kStreamedRows = 16;
-// Fewer rows read this many weight rows at once, from as many parts of a thread's block of outputs:
-// on a 2-core AMD EPYC the memory then kept more reads in flight, and the model's products of 1-3
-// rows took 5-25% less time than a row at a time (4 parts: the same; 2: about half the gain;
-// neighbouring rows at once: 1.5x slower).
+// Products with (out, in) weights read this many weight rows at once, one from each of as many
+// parts of a thread's block of outputs: the memory then keeps more reads in flight. On a 2-core AMD
+// EPYC, the model's products of 1-3 rows took 5-25% less time than a weight row at a time (4 parts:
+// the same; 2: about half the gain; neighbouring rows at once: 1.5x slower); of 4-32 rows, in tiles
+// of 4 rows x 3 such outputs, 7-35% less than tiles of 8 rows x 1 output (4-16 rows) or of 2 rows x
+// 4 neighbouring outputs (17-32).
 constexpr int kStreams = 3;
 
 // Eight weights as float32: loaded, or widened from bfloat16 (its bits are a float32's upper half).
@@ -125,11 +121,12 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// y[r, o] = dot(x[r, :], w[o, :]) for R rows and O outputs at once, one sum of 8 lanes each (R * O
-// independent sums): each vector of x and of w is loaded once for all the products it enters, where
-// a row and an output at a time load both for each FMA.
+// y[r, o * apart] = dot(x[r, :], w[o * apart, :]) for R rows and O outputs `apart` weight rows from
+// each other, one sum of 8 lanes each (R * O independent sums): each vector of x and of w is loaded
+// once for all the products it enters, where a row and an output at a time load both for each FMA.
 template <int R, int O, typename W>
-void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t in, float* y, int64_t out) {
+void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t apart, int64_t in, float* y,
+              int64_t out) {
   int64_t vector_end = in - in % 8;
   __m256 acc[R][O];
   for (int r = 0; r < R; ++r) {
@@ -137,7 +134,7 @@ void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t in, 
   }
   for (int64_t k = 0; k < vector_end; k += 8) {
     __m256 ws[O];
-    for (int o = 0; o < O; ++o) ws[o] = load8(w + o * ldw + k);
+    for (int o = 0; o < O; ++o) ws[o] = load8(w + o * apart * ldw + k);
     for (int r = 0; r < R; ++r) {
       __m256 xr = _mm256_loadu_ps(x + r * ldx + k);
       for (int o = 0; o < O; ++o) acc[r][o] = _mm256_fmadd_ps(xr, ws[o], acc[r][o]);
@@ -146,26 +143,22 @@ void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t in, 
   for (int r = 0; r < R; ++r) {
     for (int o = 0; o < O; ++o) {
       float sum = horizontal_sum(acc[r][o]);
-      for (int64_t k = vector_end; k < in; ++k) sum += x[r * ldx + k] * value(w[o * ldw + k]);
-      y[r * out + o] = sum;
+      for (int64_t k = vector_end; k < in; ++k) sum += x[r * ldx + k] * value(w[o * apart * ldw + k]);
+      y[r * out + o * apart] = sum;
     }
   }
 }
 
-// y[r, 0] = dot(x[r, :], w[0, :]) for every row r of x: one pass over the weight row (w), tiles of 8 rows.
-template <typename W>
-void dot_every_row(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t in, float* y,
-                   int64_t out) {
+// dot_tile over every row of x: tiles of 4 rows, then one tile of the rest.
+template <int O, typename W>
+void dot_tiles(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t apart, int64_t in,
+               float* y, int64_t out) {
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) dot_tile<8, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out);
-  switch (rows - r) {  // the rest in one tile (a tile per leftover row made 5-7 rows slower)
-    case 1: dot_tile<1, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
-    case 2: dot_tile<2, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
-    case 3: dot_tile<3, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
-    case 4: dot_tile<4, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
-    case 5: dot_tile<5, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
-    case 6: dot_tile<6, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
-    case 7: dot_tile<7, 1>(x + r * ldx, ldx, w, ldw, in, y + r * out, out); break;
+  for (; r + 4 <= rows; r += 4) dot_tile<4, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out);
+  switch (rows - r) {
+    case 1: dot_tile<1, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out); break;
+    case 2: dot_tile<2, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out); break;
+    case 3: dot_tile<3, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out); break;
   }
 }
 
@@ -204,31 +197,17 @@ __attribute__((always_inline)) inline void four_way_dots(const float* x, int64_t
 template <typename W>
 void dot_output_rows(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t in,
                      int64_t o0, int64_t o1, float* y, int64_t out) {
-  if (rows >= kTiledRows && rows <= kStreamedRows) {
-    for (int64_t o = o0; o < o1; ++o) dot_every_row(x, ldx, rows, w + o * ldw, ldw, in, y + o, out);
+  int64_t part = (o1 - o0) / kStreams, rest = o0 + kStreams * part;
+  if (rows >= kTiledRows) {
+    for (int64_t o = o0; o < o0 + part; ++o) dot_tiles<kStreams>(x, ldx, rows, w + o * ldw, ldw, part, in, y + o, out);
+    for (int64_t o = rest; o < o1; ++o) dot_tiles<1>(x, ldx, rows, w + o * ldw, ldw, 0, in, y + o, out);
     return;
   }
-  if (rows >= kTiledRows) {  // tiles of 2 rows x 4 outputs (the rest: 1 row, 1 output)
-    int64_t o = o0;
-    for (; o + 4 <= o1; o += 4) {
-      int64_t r = 0;
-      for (; r + 2 <= rows; r += 2) dot_tile<2, 4>(x + r * ldx, ldx, w + o * ldw, ldw, in, y + r * out + o, out);
-      if (r < rows) dot_tile<1, 4>(x + r * ldx, ldx, w + o * ldw, ldw, in, y + r * out + o, out);
-    }
-    for (; o < o1; ++o) {
-      for (int64_t r = 0; r < rows; ++r) dot_tile<1, 1>(x + r * ldx, ldx, w + o * ldw, ldw, in, y + r * out + o, out);
-    }
-    return;
-  }
-  // Fewer rows: kStreams weight rows at once, one from each of kStreams parts of this thread's block,
-  // with four sums over each per row of x.
-  int64_t part = (o1 - o0) / kStreams;
+  // Fewer rows: four sums over each weight row per row of x.
   for (int64_t o = o0; o < o0 + part; ++o) {
     four_way_dots<kStreams>(x, ldx, rows, w + o * ldw, ldw, part, in, y + o, out);
   }
-  for (int64_t o = o0 + kStreams * part; o < o1; ++o) {
-    four_way_dots<1>(x, ldx, rows, w + o * ldw, ldw, 0, in, y + o, out);
-  }
+  for (int64_t o = rest; o < o1; ++o) four_way_dots<1>(x, ldx, rows, w + o * ldw, ldw, 0, in, y + o, out);
 }
 
 template <typename W>
