@@ -7,8 +7,9 @@
 Writes a random checkpoint of the real size in the released ``.bin`` format (and its safetensors
 conversion) to a temporary folder, then prints one table: each call's median seconds over
 ``--runs`` runs after a warm-up, the first (cold) call, the floor this hardware allows (from
-matmul/conv throughput and weight-streaming bandwidth measured in the same run), the ratio to it,
-and the peak resident memory during the call. With ``--device cuda`` the model and the
+matmul/conv throughput and weight-streaming bandwidth measured in the same run), the ratio to it
+(and to the floor at the call's moment: the rates measured just before and after it), and the peak
+resident memory during the call. With ``--device cuda`` the model and the
 throughput measurements run on the GPU, and the memory column is the GPU's peak allocation.
 """
 from __future__ import annotations
@@ -279,7 +280,7 @@ def main() -> None:
         checkpoint.write_safetensors(checkpoint.read_bin(bin_path), st_path)
         for path in () if args.no_load else (bin_path, st_path):
             seconds, peak, _ = load_in_fresh_process(args.size, path)
-            rows.append((f"load {path.suffix}", 1, "fp32", seconds, seconds, float("nan"), peak))
+            rows.append((f"load {path.suffix}", 1, "fp32", seconds, seconds, float("nan"), float("nan"), peak))
         for mode in args.modes:  # a fresh process each: no mode inherits another's memory or compiled graphs
             command = [sys.executable, __file__, "--child", str(st_path), "--modes", mode, "--size", args.size,
                        "--runs", str(args.runs), "--threads", str(args.threads), "--device", args.device,
@@ -289,18 +290,20 @@ def main() -> None:
 
 
 def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
-    """Table rows for one mode: each call's first and median seconds, floor and peak RSS.
+    """Table rows for one mode: each call's first and median seconds, floor, floor at its moment
+    and peak RSS.
 
     A floor is the call's work (matmul FLOPs, conv FLOPs, streamed bytes) at the best rates
-    measured before and after the calls: this machine's memory bandwidth varies from moment to
-    moment by up to ~1.5x."""
+    measured before the first call and after each: this machine's memory bandwidth and compute
+    vary from moment to moment by up to ~1.5x. The floor at a call's moment takes the best of the
+    rates measured just before and just after it instead."""
     cfg = CONFIGS[args.size]
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     dtype_name, compiled = mode.split("+")[0], mode.endswith("+compile")
     dtype, device = resolve_dtype(dtype_name), torch.device(args.device)
     if device.type == "cpu":
         cpu_kernels.load()  # its streaming rate counts in the floors, also of modes that do not use it
-    rates = measure_hardware(dtype, device)
+    moments = [measure_hardware(dtype, device)]  # rates before the first call, then after each
     runner = make_runner(args.size, checkpoint_path, tokenizer_source(), dtype_name, compiled, args.device)
     question = "what color is the sofa ?"
     prompt_len = runner.tokenizer([question]).shape[1]
@@ -331,18 +334,28 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
         run = lambda b=batch: runner.run([image] * b, [question] * b, output_text_len=32)  # noqa: E731
         calls[f"vqa batch {batch}"] = (batch, run, [encoder_flops(cfg, prompt_len, patches, batch), 0,
                                                     33 * step_bytes(cfg, False, esize, encoder_length, batch)])
-    timings = {name: time_call(fn, args.runs, device) for name, (_, fn, _) in calls.items()}
-    later = measure_hardware(dtype, device)
-    rates = {key: max(rate, later[key]) for key, rate in rates.items()}
-    seconds_per_unit = np.array([1 / rates["matmul"], 1 / rates["conv"], 1 / rates["bandwidth"]])
+    timings = {}
+    for name, (_, fn, _) in calls.items():
+        timings[name] = time_call(fn, args.runs, device)
+        moments.append(measure_hardware(dtype, device))
+    rates = best_rates(moments)
     print(f"# {mode}: matmul {rates['matmul'] / 1e9:.0f} GFLOP/s, conv {rates['conv'] / 1e9:.0f} GFLOP/s, "
           f"weight streaming {rates['bandwidth'] / 1e9:.1f} GB/s (best before/after the calls)", file=sys.stderr)
     rows = []
-    for name, (batch, _, work) in calls.items():
+    for i, (name, (batch, _, work)) in enumerate(calls.items()):
         first, median, peak = timings[name]
-        floor = float(np.dot(work, seconds_per_unit))
-        rows.append((row_label(name, batch, median), batch, mode, first, median, floor, peak))
+        floor, floor_then = (seconds_at(work, r) for r in (rates, best_rates(moments[i:i + 2])))
+        rows.append((row_label(name, batch, median), batch, mode, first, median, floor, floor_then, peak))
     return rows
+
+
+def best_rates(moments: list[dict]) -> dict:
+    return {key: max(m[key] for m in moments) for key in moments[0]}
+
+
+def seconds_at(work, rates: dict) -> float:
+    """Seconds for ``work`` ([matmul FLOPs, conv FLOPs, streamed bytes]) at ``rates``."""
+    return float(np.dot(work, [1 / rates["matmul"], 1 / rates["conv"], 1 / rates["bandwidth"]]))
 
 
 def row_label(name: str, batch: int, median: float) -> str:
@@ -373,12 +386,14 @@ def print_table(rows, args) -> None:
     where = torch.cuda.get_device_name(torch.device(args.device)) if cuda else f"CPU, {args.threads} threads"
     print(f"\nUnified-IO {args.size}, random weights, {where}, torch {torch.__version__}, "
           f"median of {args.runs} runs after one warm-up\n")
-    print(f"| call | batch | mode | first s | median s | floor s | ratio | peak {'GPU' if cuda else 'RSS'} GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, batch, dtype, first, median, floor, peak in rows:
-        ratio = "" if math.isnan(floor) else f"{median / floor:.2f}"
+    print(f"| call | batch | mode | first s | median s | floor s | ratio | ratio at its moment | "
+          f"peak {'GPU' if cuda else 'RSS'} GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, batch, dtype, first, median, floor, floor_then, peak in rows:
+        ratio, ratio_then = ("" if math.isnan(f) else f"{median / f:.2f}" for f in (floor, floor_then))
         floor_text = "" if math.isnan(floor) else f"{floor:.3f}"
-        print(f"| {name} | {batch} | {dtype} | {first:.3f} | {median:.3f} | {floor_text} | {ratio} | {peak:.2f} |")
+        print(f"| {name} | {batch} | {dtype} | {first:.3f} | {median:.3f} | {floor_text} | {ratio} | {ratio_then} | "
+              f"{peak:.2f} |")
 
 
 if __name__ == "__main__":
