@@ -308,3 +308,28 @@ def test_embeddings_off_meta_are_initialised_as_torchs():
     ours = Embedding(1000, 16).weight
     torch.manual_seed(0)
     assert torch.equal(ours, torch.nn.Embedding(1000, 16).weight)
+
+
+@pytest.mark.parametrize("shape", [(2, 40), (90,)])  # teacher forcing: more rows than a step's
+def test_logits_of_many_rows_are_computed_by_pieces_with_the_same_sums(monkeypatch, shape):
+    """On the CPU, without gradients, logits of many rows multiply by the output embedding a piece
+    of it at a time (the last one shorter) and come out as the whole product's; with gradients
+    wanted, or for a step's few rows, in one product."""
+    from uio.model import transformer
+
+    monkeypatch.setattr(transformer, "LOGITS_COLUMNS_AT_ONCE", 700)
+    products = []
+    linear = transformer.linear
+    monkeypatch.setattr(transformer, "linear", lambda x, w, packed=None: products.append(w.shape[0]) or linear(x, w))
+    torch.manual_seed(0)
+    embedder, hidden = Embedding(3000, 64), torch.randn(*shape, 64)
+    whole = torch.nn.functional.linear(hidden, embedder.weight[:2900]).float() / 8.0
+    with torch.no_grad():
+        by_pieces = transformer.logits_from_hidden(hidden, embedder, slice(0, 2900))
+        assert products == [700, 700, 700, 700, 100]
+        assert torch.equal(by_pieces, whole)
+        transformer.logits_from_hidden(hidden[..., :1, :], embedder, slice(0, 2900))
+        assert products[5:] == [2900]
+    hidden.requires_grad_()
+    transformer.logits_from_hidden(hidden, embedder, slice(0, 2900)).sum().backward()
+    assert products[6:] == [2900] and hidden.grad is not None
