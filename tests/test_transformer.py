@@ -238,8 +238,8 @@ def test_bf16_matmuls_of_many_rows_run_in_fp32_where_bf16_is_emulated(monkeypatc
     from uio.model import transformer
 
     monkeypatch.setattr(transformer, "computes_natively", lambda dtype, device: bf16_kernels)
-    seen, plain_linear = [], torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: seen.append(w.dtype) or plain_linear(x, w))
+    seen, plain_linear = [], transformer._plain_linear
+    monkeypatch.setattr(transformer, "_plain_linear", lambda x, w: seen.append(w.dtype) or plain_linear(x, w))
     torch.manual_seed(0)
     weight = torch.randn(48, 64, dtype=torch.bfloat16)
     few, many = transformer.EMULATED_BF16_MAX_ROWS, transformer.EMULATED_BF16_MAX_ROWS + 1
@@ -247,7 +247,7 @@ def test_bf16_matmuls_of_many_rows_run_in_fp32_where_bf16_is_emulated(monkeypatc
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         got = transformer.linear(x, weight)
         assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), plain_linear(x.float(), weight.float()), rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(got.float(), x.float() @ weight.float().T, rtol=1e-2, atol=2e-2)
     many_rows = torch.bfloat16 if bf16_kernels else torch.float32
     assert seen == [torch.bfloat16, many_rows, many_rows]
 
@@ -310,26 +310,31 @@ def test_embeddings_off_meta_are_initialised_as_torchs():
     assert torch.equal(ours, torch.nn.Embedding(1000, 16).weight)
 
 
-@pytest.mark.parametrize("shape", [(2, 40), (90,)])  # teacher forcing: more rows than a step's
-def test_logits_of_many_rows_are_computed_by_pieces_with_the_same_sums(monkeypatch, shape):
-    """On the CPU, without gradients, logits of many rows multiply by the output embedding a piece
-    of it at a time (the last one shorter) and come out as the whole product's; with gradients
-    wanted, or for a step's few rows, in one product."""
+
+@pytest.mark.parametrize("shape", [(2, 40), (90,)])  # more rows than a decoding step's
+@pytest.mark.parametrize("layout", ["out-in", "in-out", "rows of a fused in-out matrix"])
+def test_fp32_matmuls_of_many_rows_run_on_onednn_without_gradients(monkeypatch, shape, layout, without_cpu_kernel):
+    """fp32 products of many rows on an x86 CPU run on oneDNN with the weight as it is (any layout):
+    torch's results to float32 rounding; where a gradient is wanted, or for a step's few rows, on
+    torch's matmul."""
     from uio.model import transformer
 
-    monkeypatch.setattr(transformer, "LOGITS_COLUMNS_AT_ONCE", 700)
-    products = []
-    linear = transformer.linear
-    monkeypatch.setattr(transformer, "linear", lambda x, w, packed=None: products.append(w.shape[0]) or linear(x, w))
+    if not packed_matmul_supported(torch.float32):
+        pytest.skip("no oneDNN fp32 matmul on this CPU")
+    calls = []
+    onednn = transformer._onednn_linear
+    monkeypatch.setattr(transformer, "_onednn_linear", lambda x, w: calls.append(w.shape) or onednn(x, w))
     torch.manual_seed(0)
-    embedder, hidden = Embedding(3000, 64), torch.randn(*shape, 64)
-    whole = torch.nn.functional.linear(hidden, embedder.weight[:2900]).float() / 8.0
+    weight = {"out-in": torch.randn(300, 64), "in-out": torch.randn(64, 300).T,
+              "rows of a fused in-out matrix": torch.randn(64, 900).T[300:600]}[layout]
+    x = torch.randn(*shape, 64)
+    expected = x.double() @ weight.double().T
     with torch.no_grad():
-        by_pieces = transformer.logits_from_hidden(hidden, embedder, slice(0, 2900))
-        assert products == [700, 700, 700, 700, 100]
-        assert torch.equal(by_pieces, whole)
-        transformer.logits_from_hidden(hidden[..., :1, :], embedder, slice(0, 2900))
-        assert products[5:] == [2900]
-    hidden.requires_grad_()
-    transformer.logits_from_hidden(hidden, embedder, slice(0, 2900)).sum().backward()
-    assert products[6:] == [2900] and hidden.grad is not None
+        got = linear(x, weight)
+    assert calls == [weight.shape] and got.shape == (*shape, 300)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        linear(x[..., :2, :], weight)  # (torch's matmul here, as uio's CPU kernels are off)
+    x.requires_grad_()
+    linear(x, weight).sum().backward()
+    assert len(calls) == 1 and x.grad is not None

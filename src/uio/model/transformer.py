@@ -42,9 +42,6 @@ PACKED_BLOCKING_ROWS = 16
 # On a CPU without bf16 kernels, bf16 matmuls are emulated at ~10 GFLOP/s: beyond this many rows it
 # is faster to multiply in fp32 (converting the weight costs about as much as 4-6 emulated rows).
 EMULATED_BF16_MAX_ROWS = 6
-# Logits of many rows on the CPU are computed this many output-embedding rows at a time: MKL
-# multiplies by the 33,152 text rows at once ~25% slower than in such pieces (2-core AMD EPYC).
-LOGITS_COLUMNS_AT_ONCE = 1024
 MAX_STEP_TRACES = 64  # step shapes kept traced (see StepTraces); a few recur in practice
 MIN_TRACED_STEPS = 8  # making a trace takes about as long as 8 steps: fewer steps left run eagerly
 MIN_GRAPHED_STEPS = 4  # recording a CUDA graph runs the step twice: fewer steps left run eagerly
@@ -135,13 +132,30 @@ def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
         return cpu_kernels.gemv(x, weight)
     if packed is None or rows > PACKED_MAX_ROWS or torch.compiler.is_compiling():
         if rows > EMULATED_BF16_MAX_ROWS and emulates_bf16(x):
-            return F.linear(x.float(), weight.float()).to(x.dtype)
-        return F.linear(x, weight)
+            return _plain_linear(x.float(), weight.float()).to(x.dtype)
+        return _plain_linear(x, weight)
+    return _onednn_linear(x, packed)
+
+
+def _plain_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, weight)``; in fp32 for more than ``PACKED_MAX_ROWS`` rows on an x86 CPU by oneDNN,
+    which takes an unpacked weight too (any layout): on a 2-core AMD EPYC the model's matmuls of
+    100-3520 rows ran 20-30% faster than torch's own (MKL's), the same sums to rounding. Not where a
+    gradient is wanted (the op has none)."""
+    if (x.dtype == weight.dtype == torch.float32 and x.shape[:-1].numel() > PACKED_MAX_ROWS
+            and x.device.type == "cpu" and packed_matmul_supported(x.dtype) and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return _onednn_linear(x, weight)
+    return F.linear(x, weight)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """oneDNN's linear of ``x`` by ``weight``, packed (:func:`pack_weight`) or not."""
     if torch.jit.is_tracing():
         # The tracer cannot record the op's (empty) list of optional scalars; a call of the
         # scripted function can be recorded, and runs the same op.
-        return _scripted_packed_linear()(x, packed)
-    return _packed_linear(x, packed)
+        return _scripted_packed_linear()(x, weight)
+    return _packed_linear(x, weight)
 
 
 def emulates_bf16(x: Tensor) -> bool:
@@ -668,14 +682,7 @@ def logits_from_hidden(hidden: Tensor, token_embedder: nn.Embedding, rows: slice
 def _unscaled_logits(hidden: Tensor, token_embedder: nn.Embedding, rows: slice | None = None,
                      packed: Tensor | None = None) -> Tensor:
     table = token_embedder.weight if rows is None else token_embedder.weight[rows]
-    many_rows = hidden.shape[:-1].numel() > cpu_kernels.MAX_ROWS  # teacher forcing: not a step's few rows
-    if (packed is not None or not many_rows or hidden.device.type != "cpu" or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()):
-        return linear(hidden, table, packed).float()
-    logits = hidden.new_empty((*hidden.shape[:-1], table.shape[0]), dtype=torch.float32)
-    for start in range(0, table.shape[0], LOGITS_COLUMNS_AT_ONCE):  # the same sums, by pieces
-        logits[..., start:start + LOGITS_COLUMNS_AT_ONCE] = linear(hidden, table[start:start + LOGITS_COLUMNS_AT_ONCE])
-    return logits
+    return linear(hidden, table, packed).float()
 
 
 def negative_log_likelihood(hidden: Tensor, token_embedder: nn.Embedding, rows: slice, targets: Tensor) -> Tensor:
