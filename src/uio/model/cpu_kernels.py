@@ -108,7 +108,7 @@ def serves(x: Tensor, weight: Tensor) -> bool:
     at most ``MAX_ROWS`` rows, a weight whose rows or columns are contiguous, no gradient wanted (it has
     no backward)."""
     return (_takes(x) and x.dtype == weight.dtype and serves_dtype(x.dtype) and _rows_or_columns_contiguous(weight)
-            and _no_gradient_wanted(x, weight))
+            and no_gradient_wanted(x, weight))
 
 
 def _runs_on(x: Tensor) -> bool:
@@ -122,8 +122,9 @@ def _takes(x: Tensor) -> bool:
     return _runs_on(x) and x.shape[:-1].numel() <= MAX_ROWS
 
 
-def _no_gradient_wanted(*tensors: Tensor) -> bool:
-    """The kernels have no backward: they serve only where no gradient of ``tensors`` is wanted."""
+def no_gradient_wanted(*tensors: Tensor) -> bool:
+    """Whether no gradient of ``tensors`` is wanted (grad mode off, or none requires grad): the
+    kernels, which have no backward, serve only then."""
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
@@ -164,7 +165,7 @@ def serves_group_norm(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
     (:func:`group_norm`): a channels-last float32 CPU activation, outside ``torch.compile``, with
     no gradient wanted (it has no backward)."""
     return (_runs_on(x) and x.dtype == torch.float32 and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last) and _no_gradient_wanted(x, weight, bias))
+            and x.is_contiguous(memory_format=torch.channels_last) and no_gradient_wanted(x, weight, bias))
 
 
 def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float, swish: bool, out: Tensor) -> Tensor:
@@ -180,7 +181,7 @@ def serves_gated_gelu(gate_up: Tensor) -> bool:
     a contiguous float32 CPU tensor, outside ``torch.compile``, with no gradient wanted (it has no
     backward)."""
     return (_runs_on(gate_up) and gate_up.dtype == torch.float32 and gate_up.is_contiguous()
-            and _no_gradient_wanted(gate_up))
+            and no_gradient_wanted(gate_up))
 
 
 def gated_gelu(gate_up: Tensor) -> Tensor:
@@ -195,7 +196,7 @@ def serves_cross_entropy(logits: Tensor) -> bool:
     contiguous float32 CPU matrix, outside ``torch.compile``, with no gradient wanted (it has no
     backward)."""
     return (_runs_on(logits) and logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_contiguous()
-            and _no_gradient_wanted(logits))
+            and no_gradient_wanted(logits))
 
 
 def scaled_cross_entropy(logits: Tensor, targets: Tensor, divisor: float) -> Tensor:
@@ -215,7 +216,7 @@ def serves_decoder_layer(x: Tensor, weights: list[Tensor], caches: list[Tensor])
     return (_takes(x) and serves_dtype(x.dtype) and all(w.dtype == x.dtype for w in weights)
             and caches[0].dtype in (torch.float32, x.dtype) and all(c.dtype == caches[0].dtype for c in caches)
             and all(_rows_or_columns_contiguous(w) for w in weights) and all(t.is_contiguous() for t in caches)
-            and _no_gradient_wanted(x, *weights, *caches))
+            and no_gradient_wanted(x, *weights, *caches))
 
 
 def decoder_layer_step(x: Tensor, weights: list[Tensor], cache: tuple[Tensor, Tensor, Tensor], self_bias: Tensor,

@@ -126,7 +126,7 @@ def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     where it serves them (:mod:`uio.model.cpu_kernels`, ~1.8x faster), else through ``packed`` (:func:`pack_weight` of
     ``weight``) for inputs of a few rows: on the CPU that is 1.5-2.5x faster (the plain matmul
     re-blocks a half-precision weight on every call, and its fp32 kernel for a few rows gains
-    nothing from a second thread)."""
+    nothing from a second thread); fp32 inputs of many rows by oneDNN (see :func:`_plain_linear`)."""
     rows = x.shape[:-1].numel()
     if cpu_kernels.serves(x, weight):
         return cpu_kernels.gemv(x, weight)
@@ -144,7 +144,7 @@ def _plain_linear(x: Tensor, weight: Tensor) -> Tensor:
     gradient is wanted (the op has none)."""
     if (x.dtype == weight.dtype == torch.float32 and x.shape[:-1].numel() > PACKED_MAX_ROWS
             and x.device.type == "cpu" and packed_matmul_supported(x.dtype) and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            and cpu_kernels.no_gradient_wanted(x, weight)):
         return _onednn_linear(x, weight)
     return F.linear(x, weight)
 
