@@ -142,8 +142,9 @@ def _plain_linear(x: Tensor, weight: Tensor) -> Tensor:
     which takes an unpacked weight too (any layout): on a 2-core AMD EPYC the model's matmuls of
     100-3520 rows ran 20-30% faster than torch's own (MKL's), the same sums to rounding. Not where a
     gradient is wanted (the op has none)."""
-    if (x.dtype == weight.dtype == torch.float32 and x.shape[:-1].numel() > PACKED_MAX_ROWS
-            and x.device.type == "cpu" and packed_matmul_supported(x.dtype) and not torch.compiler.is_compiling()
+    # Compiled graphs use their own kernels (checked first: torch 2.4's dynamo cannot trace the rest).
+    if (not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32
+            and x.shape[:-1].numel() > PACKED_MAX_ROWS and x.device.type == "cpu" and packed_matmul_supported(x.dtype)
             and cpu_kernels.no_gradient_wanted(x, weight)):
         return _onednn_linear(x, weight)
     return F.linear(x, weight)
