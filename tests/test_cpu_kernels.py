@@ -473,31 +473,6 @@ def test_cross_entropy_kernel_gives_torchs_losses_for_masked_and_nan_logits(kern
     torch.testing.assert_close(got[[0, 3]], by_torch[[0, 3]], rtol=1e-6, atol=1e-6)
 
 
-def test_answer_options_are_scored_by_the_cross_entropy_kernel_only_where_it_serves(kernel, monkeypatch):
-    """Ranking options computes its losses with the kernel (and with torch where kernels are off,
-    within float32 rounding of each other); logits that want gradients go to torch."""
-    from uio import generate
-    from uio.model.transformer import negative_log_likelihood
-    from test_generate import random_encoding, random_model
-
-    calls = []
-    by_kernel = cpu_kernels.scaled_cross_entropy
-    monkeypatch.setattr(cpu_kernels, "scaled_cross_entropy", lambda *args: calls.append(args) or by_kernel(*args))
-    model = random_model()
-    enc = random_encoding(model, 2, 5)
-    options = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 1]])
-    served = generate.score_text_options(model, enc, options)
-    assert len(calls) == 1  # one chunk of logits
-    monkeypatch.setattr(cpu_kernels, "enabled", False)
-    by_torch = generate.score_text_options(model, enc, options)
-    monkeypatch.setattr(cpu_kernels, "enabled", True)
-    torch.testing.assert_close(served, by_torch, rtol=1e-6, atol=1e-6)
-    hidden = torch.randn(3, model.cfg.emb_dim, requires_grad=True)
-    loss = negative_log_likelihood(hidden, model.token_embedder, slice(0, 50), torch.tensor([1, 2, 3]))
-    loss.sum().backward()
-    assert len(calls) == 1 and hidden.grad is not None
-
-
 def test_cross_entropy_kernel_refuses_what_it_does_not_compute(kernel):
     targets = torch.tensor([0, 1])
     for logits in (torch.randn(2, 8).bfloat16(), torch.randn(8, 2).T, torch.randn(2, 0)):

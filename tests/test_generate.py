@@ -464,6 +464,29 @@ def test_half_precision_cpu_steps_attend_in_float32(dtype, monkeypatch):
     torch.testing.assert_close(wide, forced[..., :model.cfg.vocab_size], rtol=ulps, atol=ulps)
 
 
+def test_answer_options_are_scored_by_the_cross_entropy_kernel_only_where_it_serves(monkeypatch):
+    """Ranking options computes its losses with the kernel (and with torch where kernels are off,
+    within float32 rounding of each other); logits that want gradients go to torch."""
+    if cpu_kernels.unsupported_reason() is not None or not cpu_kernels.load():
+        pytest.skip("uio's CPU kernels are not used here")
+    calls = []
+    by_kernel = cpu_kernels.scaled_cross_entropy
+    monkeypatch.setattr(cpu_kernels, "scaled_cross_entropy", lambda *args: calls.append(args) or by_kernel(*args))
+    model = random_model()
+    enc = random_encoding(model, 2, 5)
+    options = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 1]])
+    served = generate.score_text_options(model, enc, options)
+    assert len(calls) == 1  # one chunk of logits
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    by_torch = generate.score_text_options(model, enc, options)
+    monkeypatch.setattr(cpu_kernels, "enabled", True)
+    torch.testing.assert_close(served, by_torch, rtol=1e-6, atol=1e-6)
+    hidden = torch.randn(3, model.cfg.emb_dim, requires_grad=True)
+    loss = transformer.negative_log_likelihood(hidden, model.token_embedder, slice(0, 50), torch.tensor([1, 2, 3]))
+    loss.sum().backward()
+    assert len(calls) == 1 and hidden.grad is not None
+
+
 def test_bf16_cpu_steps_of_the_layer_kernel_keep_bf16_attention_state(monkeypatch):
     """Where uio's CPU kernel runs a bf16 model's decoder layers, steps keep their attention state in
     bf16 (the kernel reads it at half the bytes): the logits of float32 state, exactly."""

@@ -677,7 +677,12 @@ def logits_from_hidden(hidden: Tensor, token_embedder: nn.Embedding, rows: slice
                        packed: Tensor | None = None) -> Tensor:
     """Shared-embedding output layer (divided by sqrt(emb_dim)), optionally for a row range only
     (``packed``: that range's :func:`pack_weight`)."""
-    return _unscaled_logits(hidden, token_embedder, rows, packed) / math.sqrt(hidden.shape[-1])
+    return _unscaled_logits(hidden, token_embedder, rows, packed) / _logit_divisor(hidden)
+
+
+def _logit_divisor(hidden: Tensor) -> float:
+    """What the output layer divides its logits by: sqrt(emb_dim), as the reference."""
+    return math.sqrt(hidden.shape[-1])
 
 
 def _unscaled_logits(hidden: Tensor, token_embedder: nn.Embedding, rows: slice | None = None,
@@ -690,8 +695,7 @@ def negative_log_likelihood(hidden: Tensor, token_embedder: nn.Embedding, rows: 
     """-log p(target) (N,) under the output layer's logits of embedding ``rows`` for ``hidden`` (N, D):
     ``F.cross_entropy`` of :func:`logits_from_hidden`, where uio's CPU kernel serves it without
     writing the scaled logits and their log-softmax (see :func:`cpu_kernels.scaled_cross_entropy`)."""
-    logits = _unscaled_logits(hidden, token_embedder, rows)
-    divisor = math.sqrt(hidden.shape[-1])
+    logits, divisor = _unscaled_logits(hidden, token_embedder, rows), _logit_divisor(hidden)
     if cpu_kernels.serves_cross_entropy(logits):
         return cpu_kernels.scaled_cross_entropy(logits, targets, divisor)
     return F.cross_entropy(logits / divisor, targets, reduction="none")
