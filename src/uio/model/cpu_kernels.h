@@ -29,6 +29,11 @@ constexpr int64_t kTiledRows = 4;
 // of 4 rows x 3 such outputs, 7-35% less than tiles of 8 rows x 1 output (4-16 rows) or of 2 rows x
 // 4 neighbouring outputs (17-32).
 constexpr int kStreams = 3;
+// A tile of 4 rows after the first re-reads its weight rows from cache, leaving the memory idle: that
+// tile (or the only one, for 4 rows) asks for the next weight rows meanwhile. On a 2-core AMD EPYC,
+// products of 4-16 rows with weight rows of 512 floats or 1024 bfloat16 took 5-25% less time; with
+// rows of 2048 floats (8 KB), the same or up to 9% more, so longer rows go without.
+constexpr int64_t kPrefetchedRowBytes = 4096;
 
 // Eight weights as float32: loaded, or widened from bfloat16 (its bits are a float32's upper half).
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
@@ -124,9 +129,10 @@ inline float horizontal_sum(__m256 v) {
 // y[r, o * apart] = dot(x[r, :], w[o * apart, :]) for R rows and O outputs `apart` weight rows from
 // each other, one sum of 8 lanes each (R * O independent sums): each vector of x and of w is loaded
 // once for all the products it enters, where a row and an output at a time load both for each FMA.
+// Unless `ahead` is null, the O rows at `ahead` (same distance apart) are fetched into cache meanwhile.
 template <int R, int O, typename W>
 void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t apart, int64_t in, float* y,
-              int64_t out) {
+              int64_t out, const W* ahead) {
   int64_t vector_end = in - in % 8;
   __m256 acc[R][O];
   for (int r = 0; r < R; ++r) {
@@ -135,6 +141,11 @@ void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t apar
   for (int64_t k = 0; k < vector_end; k += 8) {
     __m256 ws[O];
     for (int o = 0; o < O; ++o) ws[o] = load8(w + o * apart * ldw + k);
+    if (ahead != nullptr && k % (64 / sizeof(W)) == 0) {  // once per 64-byte cache line
+      for (int o = 0; o < O; ++o) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + o * apart * ldw + k), _MM_HINT_T0);
+      }
+    }
     for (int r = 0; r < R; ++r) {
       __m256 xr = _mm256_loadu_ps(x + r * ldx + k);
       for (int o = 0; o < O; ++o) acc[r][o] = _mm256_fmadd_ps(xr, ws[o], acc[r][o]);
@@ -149,16 +160,23 @@ void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t apar
   }
 }
 
-// dot_tile over every row of x: tiles of 4 rows, then one tile of the rest.
+// dot_tile over every row of x: tiles of 4 rows, then one tile of the rest. The tile from row 4 (or
+// the only one) fetches the next weight rows, w + ldw (each part's rows follow each other; past the
+// last, a prefetch is harmless: it never faults).
 template <int O, typename W>
 void dot_tiles(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t ldw, int64_t apart, int64_t in,
                float* y, int64_t out) {
+  int64_t fetching = rows > 4 ? 4 : 0;
+  const W* next = in * static_cast<int64_t>(sizeof(W)) <= kPrefetchedRowBytes ? w + ldw : nullptr;
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) dot_tile<4, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out);
+  for (; r + 4 <= rows; r += 4) {
+    dot_tile<4, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out, r == fetching ? next : nullptr);
+  }
+  const W* ahead = r == fetching ? next : nullptr;
   switch (rows - r) {
-    case 1: dot_tile<1, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out); break;
-    case 2: dot_tile<2, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out); break;
-    case 3: dot_tile<3, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out); break;
+    case 1: dot_tile<1, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out, ahead); break;
+    case 2: dot_tile<2, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out, ahead); break;
+    case 3: dot_tile<3, O>(x + r * ldx, ldx, w, ldw, apart, in, y + r * out, out, ahead); break;
   }
 }
 
