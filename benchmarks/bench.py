@@ -336,8 +336,9 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
     }
     for batch in args.batches:
         run = lambda b=batch: runner.run([image] * b, [question] * b, output_text_len=32)  # noqa: E731
+        steps = [step_bytes(cfg, image, esize, encoder_length, batch) for image in (False, True)]
         calls[f"vqa batch {batch}"] = (batch, run, [encoder_flops(cfg, prompt_len, patches, batch), 0,
-                                                    33 * step_bytes(cfg, False, esize, encoder_length, batch)])
+                                                    32 * steps[0] + steps[1]])
     timings = {}
     for name, (_, fn, _) in calls.items():
         timings[name] = time_call(fn, args.runs, device)
