@@ -161,6 +161,29 @@ def test_fused_projections_equal_separate_ones():
         torch.testing.assert_close(mlp(x), mlp_separate)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("rows, pieces", [(60, [60]), (100, [30, 30, 30, 10])])
+def test_cpu_mlp_of_many_rows_runs_in_pieces_with_the_same_result(rows, pieces, fused, monkeypatch):
+    """Rows whose gated activations take more than twice MLP_PIECE_BYTES go through the MLP in
+    pieces of that size, with the same values as whole (and gradients through them)."""
+    from uio.model import transformer
+
+    torch.manual_seed(0)
+    mlp, x = MlpBlock(32, 64), torch.randn(2, rows // 2, 32)
+    if fused:
+        mlp.fuse()
+    x.requires_grad_(True)
+    whole = mlp(x)
+    (whole_grad,) = torch.autograd.grad(whole.square().sum(), x)
+    seen, forward = [], mlp._forward
+    monkeypatch.setattr(mlp, "_forward", lambda part: seen.append(part.numel() // 32) or forward(part))
+    monkeypatch.setattr(transformer, "MLP_PIECE_BYTES", 30 * 2 * 64 * 4)  # 30 rows of fp32 activations
+    in_pieces = mlp(x)
+    assert seen == pieces
+    torch.testing.assert_close(in_pieces, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(in_pieces.square().sum(), x)[0], whole_grad, rtol=1e-6, atol=1e-6)
+
+
 def test_decoder_weights_are_rows_only_where_the_cpu_kernels_stream_them(monkeypatch):
     """fp32 weights are (in, out) views of the checkpoint's kernels, except the decoder's on the CPU
     while uio's CPU kernels serve fp32 steps; other dtypes are always (out, in) rows."""

@@ -42,6 +42,11 @@ PACKED_BLOCKING_ROWS = 16
 # On a CPU without bf16 kernels, bf16 matmuls are emulated at ~10 GFLOP/s: beyond this many rows it
 # is faster to multiply in fp32 (converting the weight costs about as much as 4-6 emulated rows).
 EMULATED_BF16_MAX_ROWS = 6
+# CPU MLPs of many rows (a batch of 16's encoder) run in pieces of rows whose gated activations take
+# this much, so that they stay in cache between the two matmuls and the GELU: on a 2-core AMD EPYC
+# (32 MB L3), small's MLP over 7040 rows took 13% less time in pieces of 2048 rows; over 3520 rows (a
+# batch of 8), whole or in pieces took the same.
+MLP_PIECE_BYTES = 16 << 20
 MAX_STEP_TRACES = 64  # step shapes kept traced (see StepTraces); a few recur in practice
 MIN_TRACED_STEPS = 8  # making a trace takes about as long as 8 steps: fewer steps left run eagerly
 MIN_GRAPHED_STEPS = 4  # recording a CUDA graph runs the step twice: fewer steps left run eagerly
@@ -241,7 +246,7 @@ class HoldsPackedCopies(nn.Module):
 
 
 class MlpBlock(HoldsPackedCopies):
-    """Gated-GELU feed-forward: wo(gelu(wi_0 x) * wi_1 x)."""
+    """Gated-GELU feed-forward: wo(gelu(wi_0 x) * wi_1 x); many CPU rows in pieces (see MLP_PIECE_BYTES)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -265,6 +270,14 @@ class MlpBlock(HoldsPackedCopies):
         self.packed = {"wi": pack(self.fused_wi), "wo": pack(self.wo.weight)}
 
     def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        piece = max(1, MLP_PIECE_BYTES // (2 * self.wo.in_features * x.element_size()))
+        if x.device.type != "cpu" or rows <= 2 * piece or torch.compiler.is_compiling():  # (compiling: unmeasured)
+            return self._forward(x)
+        pieces = [self._forward(part) for part in x.reshape(rows, x.shape[-1]).split(piece)]
+        return torch.cat(pieces).view(*x.shape[:-1], -1)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.fused_wi is None:
             activated = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
         else:
