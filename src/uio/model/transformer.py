@@ -840,6 +840,8 @@ class UnifiedIO(nn.Module):
 
     def packed_weights(self) -> list[Tensor]:
         """Every copy made by :meth:`prepack_decoder`, in a fixed order (empty without them)."""
+        if not self.packed_output_rows:  # none made (asked every step: walking the layers takes ~60 us)
+            return []
         modules = [m for layer in self.decoder.layers for m in (layer.self_attention, layer.encoder_decoder_attention,
                                                                 layer.mlp)]
         return [w for m in modules for w in m.packed.values()] + list(self.packed_output_rows.values())
