@@ -1,6 +1,7 @@
 """The transformer against the reference's outputs on the tiny random checkpoint."""
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -63,6 +64,62 @@ def test_encoder_other_image_size(tiny_model, golden):
     assert_close(enc.position_embedding, g["opt256/position_embedding"])
     assert_close(enc.hidden, g["opt256/encoded"])
     np.testing.assert_array_equal(enc.mask.numpy(), g["opt256/encoder_masks"])
+
+
+@pytest.fixture
+def encoder_inputs(golden):
+    g = golden("encoder.npz")
+    return t(g["text_encoder_inputs"]).long(), t(g["image_encoder_inputs"]), None, t(g["image_input_masks"])
+
+
+def test_encoder_keeps_position_biases_for_later_calls_of_the_same_shapes(tiny_model, encoder_inputs, monkeypatch):
+    """A second encoding of the same shapes reuses the first's position biases (the same outputs);
+    another prompt length or padding, or an in-place weight update, makes them again; the kept ones
+    stay within POSITION_BIAS_CACHE_BYTES (at least the last)."""
+    from uio.model import transformer
+
+    model = copy.deepcopy(tiny_model)
+    encoder, (tokens, images, _, masks) = model.encoder, encoder_inputs
+    assert not encoder._biases  # copies start without them
+    made, compute = [], encoder._position_bias
+    monkeypatch.setattr(encoder, "_position_bias", lambda *args: made.append(args[0]) or compute(*args))
+    with torch.inference_mode():
+        first = model.encode(tokens, images, None, masks)
+        again = model.encode(tokens, images, None, masks)
+        model.encode(tokens[:, :-1], images, None, masks)
+        model.encode(tokens, images, None, masks, skip_padding=True)
+        model.encode(tokens, images, None, masks, skip_padding=True)
+    length = tokens.shape[1]
+    assert made == [length, length - 1, length] and len(encoder._biases) == 3
+    assert torch.equal(again.hidden, first.hidden)
+    assert not any(bias.is_inference() for bias in encoder._biases.values())  # usable outside inference mode
+    with torch.no_grad():
+        encoder.position_q_linear.weight.mul_(1.5)  # in place: a new version of the weight
+    with torch.inference_mode():
+        updated = model.encode(tokens, images, None, masks)
+        monkeypatch.setattr(transformer, "POSITION_BIAS_CACHE_BYTES", 0)  # computed, not kept
+        computed = model.encode(tokens, images, None, masks)
+    assert len(made) == 5 and len(encoder._biases) == 4
+    assert torch.equal(updated.hidden, computed.hidden) and not torch.equal(updated.hidden, first.hidden)
+    monkeypatch.setattr(transformer, "POSITION_BIAS_CACHE_BYTES", 1)
+    with torch.inference_mode():
+        model.encode(tokens[:, :-2], images, None, masks)
+    assert len(encoder._biases) == 1
+    encoder.float()  # converting drops them (kept for the old weights)
+    assert not encoder._biases
+
+
+def test_position_biases_are_not_kept_where_their_gradients_are_wanted(tiny_model, encoder_inputs):
+    model = copy.deepcopy(tiny_model)
+    with torch.inference_mode():
+        model.encode(*encoder_inputs)
+    assert len(model.encoder._biases) == 1
+    model.encoder.layers[0].mlp.wo.weight.requires_grad_(True)  # kept biases serve autograd elsewhere
+    model.encode(*encoder_inputs).hidden.sum().backward()
+    assert model.encoder.layers[0].mlp.wo.weight.grad is not None and len(model.encoder._biases) == 1
+    weight = model.encoder.position_q_linear.weight.requires_grad_(True)
+    model.encode(*encoder_inputs).hidden.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0 and len(model.encoder._biases) == 1
 
 
 def test_encoder_batch_sharing_one_mask_encodes_as_with_a_mask_per_example(tiny_model, golden):
@@ -248,10 +305,10 @@ def test_weight_packer_reuses_its_buffer_without_touching_earlier_packs():
     weights.append(torch.randn(40, 32))  # contiguous: packed directly
     pack = WeightPacker()
     packed = [pack(w) for w in weights]
-    for weight, copy in zip(weights, packed):
+    for weight, packed_copy in zip(weights, packed):
         x = torch.randn(3, weight.shape[1])
-        assert torch.equal(linear(x, weight, copy), linear(x, weight, pack_weight(weight.contiguous())))
-        torch.testing.assert_close(linear(x, weight, copy), x @ weight.T)
+        assert torch.equal(linear(x, weight, packed_copy), linear(x, weight, pack_weight(weight.contiguous())))
+        torch.testing.assert_close(linear(x, weight, packed_copy), x @ weight.T)
 
 
 @pytest.mark.parametrize("bf16_kernels", [True, False])
