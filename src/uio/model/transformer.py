@@ -44,12 +44,13 @@ PACKED_BLOCKING_ROWS = 16
 EMULATED_BF16_MAX_ROWS = 6
 # CPU MLPs of many rows (a batch of 16's encoder) run in pieces of rows whose gated activations take
 # this much, so that they stay in cache between the two matmuls and the GELU: on a 2-core AMD EPYC
-# (32 MB L3), small's MLP over 7040 rows took 13% less time in pieces of 2048 rows; over 3520 rows (a
-# batch of 8), whole or in pieces took the same.
+# (32 MB L3), small's MLP over 7040 rows took 13-20% less time in pieces of 2048 rows; over 3520 rows
+# (a batch of 8), whole or in pieces took the same.
 MLP_PIECE_BYTES = 16 << 20
-# The encoder's position biases kept from call to call (see Encoder.position_bias), most recent
-# first, up to this many bytes: ~15 ms of each encoding of a 480x640 image by `small` on a 2-core
-# AMD EPYC (~3% of a VQA call), recomputed only for a new prompt length, image grid or padding.
+# The encoder's position biases kept from call to call (see Encoder.position_bias), up to this many
+# bytes (the least recently used go first): making them took 16-20 ms of each encoding of a 480x640
+# image by `small` on a 2-core AMD EPYC (~3% of a VQA call); kept, only a new prompt length, image
+# grid or padding makes them again.
 POSITION_BIAS_CACHE_BYTES = 64 << 20
 _KEPT_BIASES_LOCK = threading.Lock()  # calls may encode from several threads at once
 MAX_STEP_TRACES = 64  # step shapes kept traced (see StepTraces); a few recur in practice
