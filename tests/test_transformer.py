@@ -42,11 +42,16 @@ def test_image_buckets(golden):
 
 
 @pytest.fixture(scope="module")
-def encoded(tiny_model, golden):
+def encoder_inputs(golden):
+    """The encoder golden's inputs, as ``UnifiedIO.encode`` takes them."""
     g = golden("encoder.npz")
+    return t(g["text_encoder_inputs"]).long(), t(g["image_encoder_inputs"]), None, t(g["image_input_masks"])
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model, encoder_inputs):
     with torch.inference_mode():
-        return tiny_model.encode(t(g["text_encoder_inputs"]).long(), t(g["image_encoder_inputs"]), None,
-                                 t(g["image_input_masks"]))
+        return tiny_model.encode(*encoder_inputs)
 
 
 def test_encoder(encoded, golden):
@@ -64,12 +69,6 @@ def test_encoder_other_image_size(tiny_model, golden):
     assert_close(enc.position_embedding, g["opt256/position_embedding"])
     assert_close(enc.hidden, g["opt256/encoded"])
     np.testing.assert_array_equal(enc.mask.numpy(), g["opt256/encoder_masks"])
-
-
-@pytest.fixture
-def encoder_inputs(golden):
-    g = golden("encoder.npz")
-    return t(g["text_encoder_inputs"]).long(), t(g["image_encoder_inputs"]), None, t(g["image_input_masks"])
 
 
 def test_encoder_keeps_position_biases_for_later_calls_of_the_same_shapes(tiny_model, encoder_inputs, monkeypatch):

@@ -25,6 +25,7 @@ from ..config import UnifiedIOConfig
 from . import cpu_kernels, memory
 from .embedding import Embedding
 from .hardware import computes_natively, cpu_has_bf16_kernels
+from .state import tensor_state
 
 log = logging.getLogger(__name__)
 MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
@@ -555,10 +556,10 @@ class Encoder(nn.Module):
         weights = (self.position_embedding.weight, self.pe_pre_ln.weight, self.position_q_linear.weight,
                    self.position_k_linear.weight, relpos.rel_embedding, relpos.image_rel_embedding)
         if (POSITION_BIAS_CACHE_BYTES <= 0 or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and any(w.requires_grad for w in weights))):
+                or not cpu_kernels.no_gradient_wanted(*weights)):
             return self._position_bias(text_length, image_length, grid_width, keep, pos)
         key = (text_length, image_length, grid_width, None if keep is None else keep.cpu().numpy().tobytes(),
-               pos.device, pos.dtype, *((w.data_ptr(), 0 if w.is_inference() else w._version) for w in weights))
+               pos.device, pos.dtype, *map(tensor_state, weights))
         with _KEPT_BIASES_LOCK:
             bias = self._biases.get(key)
             if bias is not None:
@@ -819,9 +820,7 @@ class UnifiedIO(nn.Module):
 
     def _weight_state(self) -> tuple[tuple[int, int], ...]:
         parts = (self.token_embedder, self.encoder, self.decoder)
-        # _version counts a tensor's in-place updates (autograd's own check that saved tensors are
-        # unchanged); tensors made in inference mode have none.
-        return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for part in parts for p in part.parameters())
+        return tuple(tensor_state(p) for part in parts for p in part.parameters())
 
     def _remember_weights(self) -> None:
         """Note the weights the derived forms are made from now (not while any is still on meta)."""
