@@ -192,6 +192,23 @@ def test_decode_cached_weights_follow_parameter_updates():
     assert model.decoder.up_0_upsample.conv.weight.grad is not None
 
 
+def test_a_vqgan_made_in_inference_mode_decodes():
+    """Weights made in inference mode have no version counter: the prepacked weights' cache keys
+    on their address alone there (it raised "Inference tensors do not track version counter")."""
+    torch.manual_seed(0)
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), resolution=8,
+                    z_channels=8, embed_dim=8, n_embed=16)
+    codes = torch.randint(0, 16, (2, 16))
+    with torch.inference_mode():
+        made_here = VQGAN(cfg).eval().to(memory_format=torch.channels_last)
+        assert next(made_here.parameters()).is_inference()
+        got = made_here.decode_codes(codes)
+    normal = VQGAN(cfg).eval()
+    normal.load_state_dict(made_here.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(got, normal.decode_codes(codes))
+
+
 @pytest.mark.parametrize("api", ["per-operation", "legacy"])
 def test_float32_convolutions_on_a_gpu_compute_in_full_float32(monkeypatch, api):
     """cuDNN's TF32 default is switched off inside, then restored; CPU tensors change nothing."""

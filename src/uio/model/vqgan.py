@@ -27,6 +27,7 @@ from uio.config import VAEConfig
 from uio.model import cpu_kernels
 from uio.model.embedding import Embedding
 from uio.model.hardware import cpu_has_bf16_kernels
+from uio.model.state import tensor_state
 
 _GROUPS = 32
 _EPS = 1e-6
@@ -75,10 +76,11 @@ def _packed_weight(cache: _PackCache, source: torch.Tensor, make, padding, strid
 
     F.conv2d on CPU re-blocks the weight on every call, which costs more than the convolution
     itself at the decoder's 16x16 and 32x32 levels. The cache is keyed on the source tensor's
-    storage, version counter and dtype, so load_state_dict, in-place updates and .to() refresh it.
-    The blocked layout does not depend on the input's batch or spatial size.
+    storage, version counter (:func:`tensor_state`; none for weights made in inference mode) and
+    dtype, so load_state_dict, in-place updates and .to() refresh it. The blocked layout does not
+    depend on the input's batch or spatial size.
     """
-    key = (source.data_ptr(), source._version, source.dtype)
+    key = (*tensor_state(source), source.dtype)
     if cache.key != key:
         weight = make().contiguous()
         cache.value = torch._C._nn.mkldnn_reorder_conv2d_weight(
