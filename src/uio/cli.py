@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from . import draw
+from . import draw, images
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEMO_QUESTION = "What color is the sofa?"
@@ -51,26 +51,22 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- reading inputs ------------------------------------------------------------------------------
 
-def _open_image(source: str | Path | BinaryIO, name: str, mode: str = "RGB") -> Image.Image:
-    """Open an image file (EXIF orientation applied) converted to ``mode``, or raise UsageError."""
-    if isinstance(source, (str, Path)) and not Path(source).is_file():
-        raise UsageError(f"{name}: no such file")
+def _read(reader: Callable[..., np.ndarray], source: str | Path | BinaryIO, name: str) -> np.ndarray:
+    """``reader(source, name)`` (a :mod:`uio.images` reader), its errors as :class:`UsageError`."""
     try:
-        with Image.open(source) as image:
-            return ImageOps.exif_transpose(image).convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UsageError(f"{name}: not a readable image ({err})") from None
+        return reader(source, name)
+    except ValueError as err:  # ImageReadError: names the file and the problem
+        raise UsageError(str(err)) from None
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as an HxWx3 uint8 array; :class:`UsageError` if missing or unreadable."""
-    return np.array(_open_image(path, str(path)))
+    """An image file as an HxWx3 uint8 array (:func:`uio.images.read_image`); :class:`UsageError` if unusable."""
+    return _read(images.read_image, path, str(path))
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask image as an HxW bool array: pixels brighter than half the brightest (0/1 or 0/255)."""
-    array = np.array(_open_image(path, str(path), mode="L"))
-    return array > array.max() / 2 if array.max() > 0 else np.zeros(array.shape, bool)
+    """A mask image as an HxW bool array (:func:`uio.images.read_mask`); :class:`UsageError` if unusable."""
+    return _read(images.read_mask, path, str(path))
 
 
 def demo_image() -> np.ndarray:
@@ -78,7 +74,7 @@ def demo_image() -> np.ndarray:
     from importlib import resources
 
     with resources.files("uio").joinpath("assets").joinpath("demo.png").open("rb") as f:
-        return np.array(_open_image(f, "demo.png"))
+        return _read(images.read_image, f, "demo.png")
 
 
 def _coordinate(text: str) -> float:
