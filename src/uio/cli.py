@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from . import draw, images
+from . import checks, draw, images
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEMO_QUESTION = "What color is the sofa?"
@@ -112,15 +112,12 @@ def _comma_list(text: str) -> list[str]:
 
 
 def check_box(box: Sequence[float], image: np.ndarray) -> list[float]:
-    """``[x1, y1, x2, y2]`` if it is a non-empty box inside ``image``, else :class:`UsageError`."""
-    x1, y1, x2, y2 = box
-    height, width = image.shape[:2]
-    shown = " ".join(f"{v:g}" for v in box)
-    if x2 <= x1 or y2 <= y1:
-        raise UsageError(f"box {shown}: need X1 < X2 and Y1 < Y2 (corners left-top then right-bottom)")
-    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-        raise UsageError(f"box {shown} is not inside the {width}x{height} image")
-    return [float(v) for v in box]
+    """``[x1, y1, x2, y2]`` if it is a non-empty box inside ``image`` (:func:`uio.checks.check_box`), else
+    :class:`UsageError`."""
+    try:
+        return checks.check_box(box, image, "box")
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_output(path: str | None) -> None:

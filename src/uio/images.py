@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BACKGROUND", "MAX_PIXELS", "ImageReadError", "read_image", "read_mask"]
+__all__ = ["BACKGROUND", "MAX_PIXELS", "ImageReadError", "read_image", "read_mask", "scale_16_bit"]
 
 MAX_PIXELS = 8192 * 8192  # below PIL's own bomb warning (~89.5 M pixels); the model sees 384x384 anyway
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto
@@ -74,7 +74,7 @@ def _too_large(name: str, size: tuple[int, int] | None) -> ImageReadError:
                           "(a guard against decompression bombs); scale it down first")
 
 
-def _sixteen_bit(values: np.ndarray) -> np.ndarray:
+def scale_16_bit(values: np.ndarray) -> np.ndarray:
     """Integer values in 0..65535 -> 0..255, rounded (a value of ``k * 257`` becomes ``k``)."""
     return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
@@ -85,7 +85,7 @@ def _integer_grey(image: Image.Image, name: str) -> np.ndarray:
     if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
         raise ImageReadError(f"{name}: 32-bit integer pixels from {values.min()} to {values.max()}; only 0..65535 "
                              "(16-bit data) can be scaled to 8 bits: save it as an 8- or 16-bit image")
-    return _sixteen_bit(values)
+    return scale_16_bit(values)
 
 
 def _float_grey(image: Image.Image, name: str) -> np.ndarray:
