@@ -12,8 +12,11 @@ file, malformed box...), 1 when the work itself fails (checkpoint, download, mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +33,7 @@ MODEL_SIZES = ("small", "base", "large", "xl")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 MAX_TEXT_LEN = 128  # ModelRunner's MAX_OUTPUT_TEXT_LEN, kept here so --help does not import torch
 _MAX_ERROR_LINE = 400
+_MIN_FREE_BYTES = 1 << 20  # an output image needs at most a few MiB; less than this free is surely too little
 
 Outcome = tuple[dict, list[str]]  # (the JSON record, the lines printed without --json)
 
@@ -120,10 +124,43 @@ def check_box(box: Sequence[float], image: np.ndarray) -> list[float]:
         raise UsageError(str(err)) from None
 
 
-def _check_output(path: str | None) -> None:
-    """Fail early on an output file name PIL cannot save to."""
-    if path is not None and Path(path).suffix.lower() not in Image.registered_extensions():
-        raise UsageError(f"{path}: unknown image file extension (use .png or .jpg)")
+def _nearest_existing(folder: Path) -> Path:
+    """``folder``, or its closest ancestor that exists (saving creates the missing ones)."""
+    return next(p for p in (folder, *folder.parents) if p.exists())
+
+
+def _check_writable(path: Path) -> None:
+    """UsageError unless ``path`` (or a new file in its folder) can be written now."""
+    try:
+        if path.exists():
+            open(path, "ab").close()  # opens for writing without changing the file
+        else:
+            with tempfile.TemporaryFile(dir=_nearest_existing(path.parent)):
+                pass
+    except OSError as err:
+        raise UsageError(f"output file {path}: cannot write there ({err.strerror or err})") from None
+
+
+def check_output_path(path: Path | None, count: int = 1) -> None:
+    """Fail before any work on an output image file that could not be saved.
+
+    ``count`` files are written when several decodes are shown (``out-1.png``...).
+    """
+    if path is None:
+        return
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"output file {path}: unknown image file extension (use .png or .jpg)")
+    folder = _nearest_existing(path.parent)
+    if not folder.is_dir():
+        raise UsageError(f"output file {path}: {folder} is a file, not a folder")
+    for index in range(count):
+        numbered = _numbered(path, index, count)
+        if numbered.is_dir():
+            raise UsageError(f"output file {numbered}: is a folder; give a file name such as {numbered / 'out.png'}")
+        _check_writable(numbered)
+    free = shutil.disk_usage(folder).free
+    if free < _MIN_FREE_BYTES:
+        raise UsageError(f"output file {path}: only {free:,} bytes free in {folder}; free some space or write elsewhere")
 
 
 # ---- the task table ------------------------------------------------------------------------------
@@ -345,8 +382,13 @@ def split_decodes(result: Mapping[str, Any], output: str, num_decodes: int | Non
 
 
 def _save(image: Image.Image, path: Path) -> Outcome:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    except OSError as err:  # checked before the work, but a disk can fill up meanwhile
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # no truncated image left behind
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
     return {"output": str(path), "width": image.width, "height": image.height}, [
         f"wrote {path} ({image.width}x{image.height})"]
 
@@ -455,15 +497,15 @@ def _task_handler(command: TaskCommand) -> Callable[[argparse.Namespace], Outcom
 
     def handle(args: argparse.Namespace) -> Outcome:
         _check_model_args(args)
-        _check_output(getattr(args, "output", None))
+        output = _output_path(args, command.name, command.output)
+        check_output_path(output, args.num_decodes or 1)
         inputs: dict = {}
         for arg in command.args:
             inputs.update(_read_arg(args, arg, inputs))
         runner = load_runner(args)
         result = getattr(runner, command.method)(**inputs, num_decodes=args.num_decodes,
                                                  beam_search=args.beam_search)
-        ctx = Context(inputs.get("image"), _output_path(args, command.name, command.output), runner.tokenizer,
-                      inputs.get("location"))
+        ctx = Context(inputs.get("image"), output, runner.tokenizer, inputs.get("location"))
         return show(command.name, command.output, result, ctx, args.num_decodes)
 
     return handle
@@ -472,7 +514,9 @@ def _task_handler(command: TaskCommand) -> Callable[[argparse.Namespace], Outcom
 def _cmd_run(args: argparse.Namespace) -> Outcome:
     """``uio run``: any prompt, with or without an image, text or image output."""
     _check_model_args(args)
-    _check_output(args.output)
+    kind = "image" if args.image_output else "text"
+    output = _output_path(args, "run", kind)
+    check_output_path(output, args.num_decodes or 1)
     options = _read_arg(args, OPTIONS, {})["answer_options"]
     if options and args.image_output:
         raise UsageError("--options scores text answers; it cannot be combined with --image-output")
@@ -485,8 +529,7 @@ def _cmd_run(args: argparse.Namespace) -> Outcome:
                      beam_search=args.beam_search, num_decodes=args.num_decodes, answer_options=options)
     result = {"text": None if out["text"] is None else out["text"][0],
               "image": None if out["image"] is None else out["image"][0], "score": out["score"][0]}
-    kind = "image" if args.image_output else "text"
-    ctx = Context(image, _output_path(args, "run", kind), runner.tokenizer)
+    ctx = Context(image, output, runner.tokenizer)
     return show("run", kind, result, ctx, args.num_decodes)
 
 
