@@ -297,8 +297,10 @@ def test_download_offline_says_what_to_fetch(capsys, tmp_path, monkeypatch):
 def test_download_fetches_the_checkpoint_and_vocabulary_once(capsys, tmp_path, monkeypatch):
     from helpers_http import FileServer
     from uio import hub
+    from uio.checkpoint import write_bin
 
-    weights, vocab = b"w" * 3000, b"v" * 2000
+    write_bin({"w/kernel": np.ones((3, 4), np.float32)}, tmp_path / "w.bin")
+    weights, vocab = (tmp_path / "w.bin").read_bytes(), b"v" * 2000
     monkeypatch.setitem(hub.CHECKPOINTS, "base", hub.RemoteFile("base_1000k.bin", len(weights)))
     monkeypatch.setattr(hub, "TOKENIZER", hub.RemoteFile("spiece.model", len(vocab)))
     monkeypatch.setenv("UIO_HOME", str(tmp_path))

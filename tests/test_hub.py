@@ -351,3 +351,73 @@ def test_tokenizer_offline_message(monkeypatch, tmp_path):
 def test_real_tokenizer_pin():
     assert hub.TOKENIZER == hub.RemoteFile(
         "spiece.model", 791_656, "d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86")
+
+
+# ------------------------------------------------------------------ damaged files (issue 28, item 8)
+
+def test_resumed_partial_that_cannot_be_valid_is_downloaded_again(monkeypatch, tmp_path, ckpt_bytes):
+    _register(monkeypatch, "test", ckpt_bytes)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "test_1000k.bin.partial").write_bytes(bytes(len(ckpt_bytes)))  # zeros, as after a crash
+    with FileServer({"/w/test_1000k.bin": ckpt_bytes}) as server:
+        monkeypatch.setenv("UIO_BASE_URL", server.url("/w"))
+        path = hub.checkpoint_path("test")
+    assert path.read_bytes() == ckpt_bytes
+    assert len(server.requests) == 1 and not (tmp_path / "cache" / "test_1000k.bin.partial").exists()
+
+
+def test_resumed_partial_that_cannot_be_valid_is_never_promoted(monkeypatch, tmp_path, ckpt_bytes):
+    _register(monkeypatch, "test", ckpt_bytes)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "test_1000k.bin.partial").write_bytes(ckpt_bytes[:1000] + bytes(len(ckpt_bytes) - 1000))
+    monkeypatch.setenv("UIO_BASE_URL", closed_port_url("/w").rstrip("/"))
+    with pytest.raises(hub.OfflineError, match="cannot reach"):
+        hub.checkpoint_path("test")
+    assert list(cache.iterdir()) == []
+
+
+def test_downloaded_checkpoint_that_is_not_one_is_refused(monkeypatch, tmp_path, ckpt_bytes):
+    _register(monkeypatch, "test", ckpt_bytes)
+    server = FileServer({"/w/test_1000k.bin": bytes(len(ckpt_bytes))})
+    with server, pytest.raises(hub.DownloadError, match=r"is not a valid file \(.*expected a map at '<root>'"):
+        monkeypatch.setenv("UIO_BASE_URL", server.url("/w"))
+        hub.checkpoint_path("test")
+    assert not (tmp_path / "cache" / "test_1000k.bin").exists()
+
+
+def test_damaged_cached_checkpoint_says_to_delete_it(monkeypatch, tmp_path, conformance):
+    from uio.checkpoint import CheckpointError
+    from uio.runner import ModelRunner
+
+    damaged = tmp_path / "cache" / "small_1000k.bin"
+    damaged.parent.mkdir()
+    damaged.write_bytes(bytes(1000))
+    monkeypatch.setattr(hub, "checkpoint_path", lambda size, download=True: damaged)
+    with pytest.raises(CheckpointError, match="delete it and run again to download it again") as info:
+        ModelRunner.from_pretrained(str(conformance / "tiny" / "config.json"),
+                                    tokenizer=conformance / "tokenizer" / "spiece.model")
+    assert f"the cached file {damaged} is damaged" in str(info.value)
+
+
+def test_damaged_cached_vocabulary_says_to_delete_it(monkeypatch, tmp_path):
+    from uio.tokenizer import load_tokenizer
+
+    data = os.urandom(5000)
+    monkeypatch.setattr(hub, "TOKENIZER", hub.RemoteFile("spiece.model", len(data)))
+    cached = tmp_path / "cache" / "t5-base" / "spiece.model"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data)
+    with pytest.raises(ValueError, match=f"the cached file {cached} is damaged or incomplete: delete it"):
+        load_tokenizer()
+
+
+def test_missing_vocabulary_names_its_real_place_and_the_options(monkeypatch):
+    monkeypatch.setenv("UIO_OFFLINE", "1")
+    with pytest.raises(hub.OfflineError) as info:
+        hub.tokenizer_path()
+    message = str(info.value)
+    assert "$UIO_HOME/t5-base/spiece.model" in message
+    assert "--tokenizer PATH" in message and "tokenizer=PATH" in message
+    with pytest.raises(hub.OfflineError, match=r"\$UIO_HOME/small_1000k\.bin\)(.|\n)*--weights PATH"):
+        hub.checkpoint_path("small")

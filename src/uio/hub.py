@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import re
 import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +47,7 @@ __all__ = [
     "DEFAULT_BASE_URL", "DEFAULT_HF_ENDPOINT", "CHECKPOINT_BYTES", "CHECKPOINTS", "TOKENIZER",
     "RemoteFile", "DownloadError", "OfflineError",
     "msgpack_tree_size", "cache_dir", "is_offline", "checkpoint_url", "tokenizer_url",
-    "download", "checkpoint_path", "tokenizer_path",
+    "download", "checkpoint_path", "tokenizer_path", "damaged_file_advice",
 ]
 
 DEFAULT_BASE_URL = "https://ai2-prior-uio.s3.us-west-2.amazonaws.com/public/model-weights-bin"
@@ -61,6 +63,9 @@ CHECKPOINT_BYTES: dict[str, int] = {
     "large": 3_410_526_957,
     "xl": 11_700_978_421,
 }
+
+log = logging.getLogger(__name__)
+Validator = Callable[[Path], "str | None"]  # what is wrong with a downloaded file, or None
 
 _FLAX_MAX_CHUNK = 2 ** 30  # flax.serialization splits arrays larger than this into chunks
 _CHUNK = 1 << 20
@@ -302,7 +307,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _finish(partial: Path, dest: Path, url: str, expected: int | None, sha256: str | None) -> None:
+def _finish(partial: Path, dest: Path, url: str, expected: int | None, sha256: str | None,
+            validate: Validator | None) -> None:
     """Move a complete ``partial`` to ``dest``; delete it and raise if it is the wrong file."""
     size = partial.stat().st_size
     problem = None
@@ -310,6 +316,8 @@ def _finish(partial: Path, dest: Path, url: str, expected: int | None, sha256: s
         problem = f"is {size} bytes, expected {expected}"
     elif sha256 is not None and _sha256(partial) != sha256.lower():
         problem = f"does not have the expected SHA-256 {sha256}"
+    elif validate is not None and (reason := validate(partial)):
+        problem = f"is not a valid file ({reason})"
     if problem:
         partial.unlink()
         raise DownloadError(f"the file downloaded from {url} {problem}; it was deleted, "
@@ -319,12 +327,15 @@ def _finish(partial: Path, dest: Path, url: str, expected: int | None, sha256: s
 
 def download(url: str, dest: str | os.PathLike, expected_size: int | None = None, progress: bool = True, *,
              sha256: str | None = None, retries: int = 5, timeout: float = 60.0,
-             retry_wait: float = 1.0) -> Path:
+             retry_wait: float = 1.0, validate: Validator | None = None) -> Path:
     """Download ``url`` to ``dest`` atomically and return ``dest``.
 
     Data goes to ``dest.partial`` (an existing one is resumed with an HTTP ``Range`` request)
     and is moved to ``dest`` only when complete and, if given, of ``expected_size`` bytes with
-    digest ``sha256``; a wrong file is deleted and raises :class:`DownloadError`. A connection
+    digest ``sha256`` and no problem found by ``validate(path)`` (which returns what is wrong, or
+    None); a wrong file is deleted and raises :class:`DownloadError`, except that a wrong file
+    made by resuming an earlier ``.partial`` (which may hold anything: zeros after a crash,
+    another file's bytes) is downloaded once more from the start. A connection
     that drops mid-transfer (or an HTTP 5xx) is retried up to ``retries`` times, resuming each
     time, after ``retry_wait * attempt`` seconds. ``timeout`` bounds every socket operation.
 
@@ -335,6 +346,7 @@ def download(url: str, dest: str | os.PathLike, expected_size: int | None = None
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_path(dest)
+    resumed = partial.exists()
     for attempt in range(retries + 1):
         try:
             _attempt(url, partial, expected_size, timeout, progress, dest.name)
@@ -349,7 +361,14 @@ def download(url: str, dest: str | os.PathLike, expected_size: int | None = None
             raise DownloadError(f"downloading {url} failed after {retries + 1} attempts: {error}; "
                                 f"the partial file {partial} will be resumed next time") from error
         time.sleep(retry_wait * (attempt + 1))
-    _finish(partial, dest, url, expected_size, sha256)
+    try:
+        _finish(partial, dest, url, expected_size, sha256, validate)
+    except DownloadError as err:
+        if not resumed:
+            raise
+        log.warning("the resumed download %s was wrong (%s); downloading it again from the start", partial, err)
+        return download(url, dest, expected_size, progress, sha256=sha256, retries=retries, timeout=timeout,
+                        retry_wait=retry_wait, validate=validate)
     return dest
 
 
@@ -357,14 +376,31 @@ def download(url: str, dest: str | os.PathLike, expected_size: int | None = None
 # Cached files
 # --------------------------------------------------------------------------------------------
 
-def _missing_message(what: str, url: str, dest: Path, remote: RemoteFile, reason: str) -> str:
+_OWN_CHECKPOINT = "--weights PATH (uio) or weights=PATH (ModelRunner.from_pretrained)"
+_OWN_TOKENIZER = "--tokenizer PATH (uio) or tokenizer=PATH (ModelRunner)"
+
+
+def _missing_message(what: str, url: str, dest: Path, remote: RemoteFile, reason: str, own_file: str) -> str:
     size = f" ({remote.size:,} bytes)" if remote.size else ""
     return (f"{what} is not in the cache and {reason}.\n"
             f"Download\n    {url}{size}\nand place it at\n    {dest}\n"
-            f"(or set UIO_HOME to a folder holding {remote.filename}).")
+            f"(the cache folder is $UIO_HOME when set: the file goes to $UIO_HOME/{dest.relative_to(cache_dir())}),\n"
+            f"or pass a copy you have with {own_file}.")
 
 
-def _fetch_cached(what: str, url: str, dest: Path, remote: RemoteFile, allow_download: bool) -> Path:
+def _checkpoint_problem(path: Path) -> str | None:
+    """What makes ``path`` unreadable as a released ``.bin`` (its msgpack structure), or None."""
+    from .checkpoint import CheckpointError, read_bin
+
+    try:
+        read_bin(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def _fetch_cached(what: str, url: str, dest: Path, remote: RemoteFile, allow_download: bool, own_file: str,
+                  validate: Validator | None = None) -> Path:
     """Return ``dest``, downloading ``url`` there first if it is missing and allowed."""
     if dest.is_file():
         _check_cached_size(dest, remote)
@@ -372,17 +408,25 @@ def _fetch_cached(what: str, url: str, dest: Path, remote: RemoteFile, allow_dow
     reason = ("downloads are off (UIO_OFFLINE / HF_HUB_OFFLINE)" if is_offline()
               else None if allow_download else "download=False was given")
     if reason:
-        raise OfflineError(_missing_message(what, url, dest, remote, reason))
+        raise OfflineError(_missing_message(what, url, dest, remote, reason, own_file))
     try:
-        return download(url, dest, remote.size, sha256=remote.sha256)
+        return download(url, dest, remote.size, sha256=remote.sha256, validate=validate)
     except DownloadError as err:  # keeps the class: OfflineError for no connection
-        raise type(err)(_missing_message(what, url, dest, remote, f"the download failed ({err})")) from err
+        raise type(err)(_missing_message(what, url, dest, remote, f"the download failed ({err})", own_file)) from err
 
 
 def _check_cached_size(path: Path, remote: RemoteFile) -> None:
     if remote.size is not None and path.stat().st_size != remote.size:
         raise DownloadError(f"{path} is {path.stat().st_size:,} bytes, expected {remote.size:,}: it is "
                             "truncated or not the released file; delete it to download it again")
+
+
+def damaged_file_advice(path: Path) -> str:
+    """What to do about a cached file that cannot be read: delete it (the path), then what happens."""
+    if path.suffix == ".safetensors":
+        return (f"the converted checkpoint {path} in the cache is damaged: delete it (uio then uses the released "
+                ".bin, downloading it if needed), or convert it again with 'uio convert'")
+    return f"the cached file {path} is damaged or incomplete: delete it and run again to download it again"
 
 
 def checkpoint_path(size: str, download: bool = True) -> Path:
@@ -401,7 +445,7 @@ def checkpoint_path(size: str, download: bool = True) -> Path:
     if converted.is_file():
         return converted
     return _fetch_cached(f"Unified-IO checkpoint {size!r}", checkpoint_url(size),
-                         cache_dir() / remote.filename, remote, download)
+                         cache_dir() / remote.filename, remote, download, _OWN_CHECKPOINT, _checkpoint_problem)
 
 
 def tokenizer_path(download: bool = True) -> Path:
@@ -414,4 +458,4 @@ def tokenizer_path(download: bool = True) -> Path:
     """
     dest = cache_dir() / TOKENIZER_REPO / TOKENIZER.filename
     return _fetch_cached(f"The {TOKENIZER_REPO} vocabulary {TOKENIZER.filename}", tokenizer_url(), dest,
-                         TOKENIZER, download)
+                         TOKENIZER, download, _OWN_TOKENIZER)

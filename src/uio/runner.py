@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import checks, generate, processing
-from .checkpoint import load_checkpoint_file, load_into
+from .checkpoint import CheckpointError, load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
 from .model import cpu_kernels
 from .model.hardware import computes_natively
@@ -177,8 +177,13 @@ class ModelRunner:
         """
         from . import hub
 
-        path = Path(weights) if weights is not None else hub.checkpoint_path(size, download=download)
-        return cls(size, path, **kwargs)
+        if weights is not None:
+            return cls(size, Path(weights), **kwargs)
+        path = hub.checkpoint_path(size, download=download)
+        try:
+            return cls(size, path, **kwargs)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; {hub.damaged_file_advice(path)}") from err
 
     # ---- the low-level API -------------------------------------------------------------------
 

@@ -313,5 +313,9 @@ def load_tokenizer(source: str | os.PathLike | None = None, **kwargs) -> T5Token
     if source is None:
         from uio import hub  # lazy: hub is optional for users who pass a path
 
-        source = hub.tokenizer_path()
+        path = hub.tokenizer_path()
+        try:
+            return T5Tokenizer(path, **kwargs)
+        except ValueError as err:  # a damaged file of the right size
+            raise ValueError(f"{err}; {hub.damaged_file_advice(path)}") from err
     return T5Tokenizer(source, **kwargs)
