@@ -164,7 +164,7 @@ def test_sampling_is_deterministic_per_seed(runner, test_image):
     (lambda r, im: r.run([im[..., :2]], ["a"]), r"input_images\[0\] must have shape \(height, width, 3\)"),
     (lambda r, im: r.run([im], ["a"], answer_options=["x"], num_decodes=2), "num_decodes"),
     (lambda r, im: r.segmentation_based_generation([], []), "1 to 16 masks"),
-    (lambda r, im: r.segmentation_based_generation([np.ones((4, 4), bool)], ["a", "b"]), "1 masks but 2 labels"),
+    (lambda r, im: r.segmentation_based_generation([np.ones((4, 4), bool)], ["a", "b"]), "1 binary_masks but 2 labels"),
     (lambda r, im: r.segmentation_based_generation([np.ones((4, 4), bool), np.ones((4, 5), bool)], ["a", "b"]),
      "same height and width"),
     (lambda r, im: r.run([], []), "at least one prompt"),

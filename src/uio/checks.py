@@ -93,9 +93,9 @@ def check_image(image: Any, name: str = "image") -> np.ndarray:
 
 def check_images(images: Any, name: str = "input_images") -> list[np.ndarray | None]:
     """A sequence of images (each as :func:`check_image` takes it) or None for a text-only prompt."""
-    if isinstance(images, np.ndarray) and images.ndim == 3:
-        raise TypeError(f"{name} must be a sequence of images, one per prompt, got a single image of shape "
-                        f"{images.shape}: pass [image]")
+    if isinstance(images, np.ndarray) and images.ndim != 4:  # 4: a batch of images
+        hint = ": pass [image]" if images.ndim == 3 else ""
+        raise TypeError(f"{name} must be a sequence of images, one per prompt, got {_kind(images)}{hint}")
     if not isinstance(images, (Sequence, np.ndarray)) or isinstance(images, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of images (or None), one per prompt, got {_kind(images)}")
     return [None if image is None else check_image(image, f"{name}[{i}]") for i, image in enumerate(images)]
@@ -112,7 +112,7 @@ def check_texts(texts: Any, name: str = "input_texts") -> list[str]:
     """A sequence of strings (not one bare string) as a list."""
     if isinstance(texts, str):
         raise TypeError(f"{name} must be a sequence of strings, got the string {texts[:40]!r}: pass [{name[:-1]}]")
-    if not isinstance(texts, (Sequence, np.ndarray)) or np.ndim(texts) != 1:
+    if not isinstance(texts, (Sequence, np.ndarray)) or (isinstance(texts, np.ndarray) and texts.ndim != 1):
         raise TypeError(f"{name} must be a sequence of strings, got {_kind(texts)}")
     return [check_text(text, f"{name}[{i}]") for i, text in enumerate(texts)]
 
@@ -146,8 +146,10 @@ def check_box(box: Any, image: np.ndarray, name: str = "location") -> list[float
     """
     if isinstance(box, (str, bytes)) or not isinstance(box, (Sequence, np.ndarray)):
         raise TypeError(f"{name} must be 4 numbers [x1, y1, x2, y2], got {_kind(box)}")
-    values = list(np.ravel(box)) if isinstance(box, np.ndarray) else list(box)
-    if len(values) != 4 or np.ndim(box) != 1:
+    if isinstance(box, np.ndarray) and box.ndim != 1:
+        raise ValueError(f"{name} must be 4 numbers [x1, y1, x2, y2], got an array of shape {box.shape}")
+    values = list(box)
+    if len(values) != 4:
         raise ValueError(f"{name} must be 4 numbers [x1, y1, x2, y2], got {len(values)} values")
     if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, Real) for v in values):
         raise TypeError(f"{name} must be 4 numbers [x1, y1, x2, y2], got {[_kind(v) for v in values]}")
@@ -220,7 +222,8 @@ class RunInputs:
 def _check_mask_regions(regions: Any, images: list[np.ndarray | None]) -> list[list[float] | None] | None:
     if regions is None:
         return None
-    if not isinstance(regions, (Sequence, np.ndarray)) or len(regions) != len(images):
+    if (not isinstance(regions, (Sequence, np.ndarray)) or isinstance(regions, str)
+            or (isinstance(regions, np.ndarray) and regions.ndim == 0) or len(regions) != len(images)):
         raise ValueError(f"mask_regions must hold one box (or None) per image ({len(images)}), got {_kind(regions)}")
     checked = []
     for i, (region, image) in enumerate(zip(regions, images)):

@@ -90,10 +90,10 @@ def build_prompt(task: Task, text: str | None = None) -> str:
 def segmentation_input(binary_masks: Sequence[np.ndarray], labels: Sequence[str]) -> tuple[np.ndarray, str]:
     """Paint each mask in its color and name the colors, as segmentation-based generation expects."""
     if not 0 < len(binary_masks) <= len(GEN_SEGMENTATION_COLOR_NAMES):
-        raise ValueError(f"segmentation_based_generation takes 1 to {len(GEN_SEGMENTATION_COLOR_NAMES)} masks, "
-                         f"got {len(binary_masks)}")
+        raise ValueError(f"binary_masks: segmentation_based_generation takes 1 to "
+                         f"{len(GEN_SEGMENTATION_COLOR_NAMES)} masks, got {len(binary_masks)}")
     if len(binary_masks) != len(labels):
-        raise ValueError(f"got {len(binary_masks)} masks but {len(labels)} labels")
+        raise ValueError(f"got {len(binary_masks)} binary_masks but {len(labels)} labels; give one label per mask")
     masks = [np.asarray(m, dtype=bool) for m in binary_masks]
     if any(m.ndim != 2 or m.shape != masks[0].shape for m in masks):
         raise ValueError("binary masks must all be 2-D boolean arrays of the same height and width")
