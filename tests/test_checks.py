@@ -125,3 +125,12 @@ def test_long_text_options_are_warned_about(runner):
         runner.image_classification(IMAGE, answer_options=["cat", "big " * 70])
     assert checks.long_prompts(runner.tokenizer, ["a b c", "d " * 70], 64) == [
         (1, len(runner.tokenizer.encode("d " * 70)))]
+
+
+def test_torch_tensors_are_taken_as_arrays():
+    import torch
+
+    np.testing.assert_array_equal(checks.check_image(torch.zeros(4, 5, 3, dtype=torch.uint8)), np.zeros((4, 5, 3)))
+    assert checks.check_image(torch.ones(4, 5, 3, dtype=torch.bfloat16)).dtype == np.float32
+    with pytest.raises(ValueError, match="image has values from 2 to 2"):
+        checks.check_image(torch.full((4, 5, 3), 2.0))
