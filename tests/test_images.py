@@ -156,3 +156,9 @@ def test_mask_reads_any_mode_as_bool():
     values = np.array([[0, 65535, 30000]], np.uint16)  # 16-bit: 30000 is below half of white
     np.testing.assert_array_equal(read_mask(_encoded(Image.fromarray(values))), [[False, True, False]])
     np.testing.assert_array_equal(read_mask(_encoded(Image.new("1", (2, 1)))), [[False, False]])
+
+
+def test_transparent_mask_pixels_are_outside_the_mask():
+    rgba = np.zeros((1, 3, 4), np.uint8)
+    rgba[0, 1] = [255, 255, 255, 255]  # one opaque white pixel; the others transparent
+    np.testing.assert_array_equal(read_mask(_encoded(Image.fromarray(rgba, "RGBA"))), [[False, True, False]])

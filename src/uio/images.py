@@ -108,23 +108,23 @@ def _has_transparency(image: Image.Image) -> bool:
     return image.mode in _ALPHA_MODES or "transparency" in image.info
 
 
-def _composited(image: Image.Image) -> Image.Image:
-    """``image`` as RGB, its transparent pixels composited onto :data:`BACKGROUND`."""
+def _composited(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """``image`` as RGB, its transparent pixels composited onto ``background``."""
     if not _has_transparency(image):
         return image.convert("RGB")
     rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, background + (255,)), rgba).convert("RGB")
 
 
-def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
-    """Any PIL mode -> HxWx3 uint8, scaling deep grey and compositing transparency onto white."""
+def _to_rgb(image: Image.Image, name: str, background: tuple[int, int, int]) -> np.ndarray:
+    """Any PIL mode -> HxWx3 uint8, scaling deep grey and compositing transparency onto ``background``."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
         grey = _integer_grey(image, name)
     elif image.mode == "F":
         grey = _float_grey(image, name)
     else:
         try:
-            return np.asarray(_composited(image))
+            return np.asarray(_composited(image, background))
         except ValueError as err:  # modes PIL cannot convert to RGB (LAB, HSV...)
             raise ImageReadError(f"{name}: cannot read PIL mode {image.mode} as RGB ({err})") from None
     return np.repeat(grey[..., None], 3, axis=-1)
@@ -151,13 +151,15 @@ def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     :raises TypeError: ``source`` is none of the above
     """
     name = _source_name(source, name)
-    return np.ascontiguousarray(_to_rgb(_decoded(source, name), name))
+    return np.ascontiguousarray(_to_rgb(_decoded(source, name), name, BACKGROUND))
 
 
 def read_mask(source: ImageSource, name: str | None = None) -> np.ndarray:
     """A mask image as an HxW bool array: pixels brighter than half the brightest (0/1 or 0/255 masks).
 
-    Brightness is PIL's luminance (``L``) of the pixels as :func:`read_image` reads them.
+    Brightness is PIL's luminance (``L``) of the pixels as :func:`read_image` reads them, except that
+    transparent pixels count as black (outside the mask), not white.
     """
-    grey = read_image(source, name) @ np.array([0.299, 0.587, 0.114])
+    name = _source_name(source, name)
+    grey = _to_rgb(_decoded(source, name), name, (0, 0, 0)) @ np.array([0.299, 0.587, 0.114])
     return grey > grey.max() / 2 if grey.max() > 0 else np.zeros(grey.shape, bool)
