@@ -270,6 +270,14 @@ def test_a_full_disk_is_refused_before_loading(capsys, tmp_path, monkeypatch, no
     assert code == 2 and f"output file {tmp_path / 'o.png'}: only 4,096 bytes free in {tmp_path}" in err
 
 
+def test_a_prompt_too_long_is_warned_about_on_one_line(capsys, preloaded, model_args, image_path):
+    question = "what is " + "very " * 70 + "big ?"
+    code, out, err = run_cli(capsys, "vqa", image_path, question, *model_args)
+    assert code == 0 and len(out.strip().splitlines()) == 1
+    assert err.startswith("uio: warning: input_texts[0] is ") and "over max_input_len=64" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_library_errors_exit_1(capsys, tmp_path, conformance, image_path):
     broken = tmp_path / "broken.bin"
     broken.write_bytes(b"\x81\xa3abc\x05")

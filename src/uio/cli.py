@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
@@ -774,6 +775,11 @@ def _error(prog: str, err: BaseException) -> None:
     print(f"{prog}: error: " + "\n".join(lines), file=sys.stderr)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a prompt cut to max_input_len...) on one line, like errors, without a source line."""
+    print(f"uio: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``uio`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -783,7 +789,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        record, lines = args.handler(args)
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = _show_warning
+            record, lines = args.handler(args)
     except SystemExit as exit_:  # --help, --version
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
     except UsageError as err:
