@@ -14,8 +14,8 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
-# download.pytorch.org's CPU wheels are a third the size of PyPI's Linux wheels (CUDA builds) and need
-# no CUDA libraries; PyPI stays an extra index for torch's own dependencies.
+# download.pytorch.org's CPU wheel (~190 MB) needs no CUDA; PyPI's Linux wheel is a CUDA build (~500 MB,
+# and 16 CUDA library wheels with it). PyPI stays an extra index for torch's own dependencies.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PIP_NO_CACHE_DIR=1 \
