@@ -15,6 +15,7 @@ from PIL import Image
 from uio import checkpoint, cli, draw
 from uio.model import cpu_kernels
 from uio.runner import ModelRunner
+from uio.tasks import TASKS
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +342,7 @@ def test_draw_helpers():
 def test_console_entry_point():
     result = subprocess.run([sys.executable, "-m", "uio.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for command in [c.name for c in cli.TASK_COMMANDS] + ["run", "convert", "demo", "download", "info"]:
+    for command in [task.command for task in TASKS.values()] + ["run", "convert", "demo", "download", "info"]:
         assert command in result.stdout
 
 
@@ -354,3 +355,12 @@ def test_runner_options_reach_the_runner(model_args, image_path):
     by_default = packed_matmul_supported(torch.float32) and not cpu_kernels.in_use(torch.float32)
     assert bool(cli.load_runner(parse()).model.packed_weights()) == by_default
     assert cli.load_runner(parse("--stop-at-eos")).stop_at_eos and not cli.load_runner(parse()).stop_at_eos
+
+
+def test_serve_without_the_extra_says_how_to_install_it(capsys, monkeypatch, model_args):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    for name in [name for name in sys.modules if name.startswith("uio.server")]:
+        monkeypatch.delitem(sys.modules, name)
+    code, out, err = run_cli(capsys, "serve", *model_args)
+    assert code == 2 and out == ""
+    assert "needs the serve extra (fastapi is not installed): pip install 'unified-io[serve]'" in err
