@@ -307,13 +307,18 @@ def model_spec(args: argparse.Namespace) -> str:
     return "small"
 
 
+def runner_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :meth:`ModelRunner.from_pretrained` the common options describe."""
+    return {"size": model_spec(args), "weights": args.weights, "tokenizer": args.tokenizer, "device": args.device,
+            "dtype": args.dtype, "seed": args.seed, "log_inputs": False, "prepack": args.prepack,
+            "stop_at_eos": args.stop_at_eos}
+
+
 def load_runner(args: argparse.Namespace):
     """The :class:`ModelRunner` the common options describe (downloads when --weights is absent)."""
     from .runner import ModelRunner
 
-    return ModelRunner.from_pretrained(model_spec(args), weights=args.weights, tokenizer=args.tokenizer,
-                                       device=args.device, dtype=args.dtype, seed=args.seed, log_inputs=False,
-                                       prepack=args.prepack, stop_at_eos=args.stop_at_eos)
+    return ModelRunner.from_pretrained(**runner_options(args))
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
@@ -715,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_download)
     p = sub.add_parser("info", parents=[base], help="show versions, device and the cache")
     p.set_defaults(handler=_cmd_info)
+    from . import cli_batch
+
+    cli_batch.add_parser(sub, [base, model])
     return parser
 
 
@@ -747,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        record, lines = args.handler(args)
+        record, lines, *status = args.handler(args)  # a handler may add an exit status (uio batch)
     except SystemExit as exit_:  # --help, --version
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
     except UsageError as err:
@@ -763,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(record, default=_json_default))
     else:
         print("\n".join(lines))
-    return EXIT_OK
+    return status[0] if status else EXIT_OK
 
 
 if __name__ == "__main__":
