@@ -13,6 +13,7 @@ from PIL import Image
 from uio import checkpoint, cli, draw
 from uio.model import cpu_kernels
 from uio.runner import ModelRunner
+from uio.tasks import TASKS
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +285,7 @@ def test_draw_helpers():
 def test_console_entry_point():
     result = subprocess.run([sys.executable, "-m", "uio.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for command in [c.name for c in cli.TASK_COMMANDS] + ["run", "convert", "demo", "download", "info"]:
+    for command in [task.command for task in TASKS.values()] + ["run", "convert", "demo", "download", "info"]:
         assert command in result.stdout
 
 

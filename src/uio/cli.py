@@ -1,10 +1,10 @@
 """The ``uio`` command line: every task, arbitrary prompts, checkpoint conversion, the demo.
 
 One sub-command per task (``uio caption IMAGE``, ``uio vqa IMAGE "question"``, ...) is generated
-from :data:`TASK_COMMANDS`, which maps each to its :class:`~uio.runner.ModelRunner` method, its
-arguments and how its output is shown. Text results are printed; spatial results are saved as
-PNG (boxes, keypoints and masks drawn onto the input image, depth as grayscale at the input's
-size, generated images at 256x256). ``--json`` prints one JSON object instead.
+from the task table :data:`uio.tasks.TASKS`: its name, arguments, :class:`~uio.runner.ModelRunner`
+method and how its output is shown (by :mod:`uio.results`). Text results are printed; spatial
+results are saved as PNG (boxes, keypoints and masks drawn onto the input image, depth as
+grayscale at the input's size, generated images at 256x256). ``--json`` prints one JSON object instead.
 
 Exit status: 0 on success, 2 for a bad command line or unusable input (missing or unreadable
 file, malformed box...), 1 when the work itself fails (checkpoint, download, model errors).
@@ -15,14 +15,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import draw
+from .results import SPATIAL_OUTPUTS, Context, describe
+from .tasks import OPTIONS, TASKS, Arg
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEMO_QUESTION = "What color is the sofa?"
@@ -133,72 +133,7 @@ def _check_output(path: str | None) -> None:
         raise UsageError(f"{path}: unknown image file extension (use .png or .jpg)")
 
 
-# ---- the task table ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Arg:
-    """One input of a task command.
-
-    ``kind`` says how it is given and read: ``image`` (a file), ``text`` (one string), ``box``
-    (X1 Y1 X2 Y2 pixels), ``options`` (``--options a,b,c``) or ``masks`` (mask files and
-    ``--labels``). ``keyword`` is the :class:`ModelRunner` method's parameter it fills.
-    """
-
-    kind: str
-    keyword: str
-    metavar: str = ""
-    help: str = ""
-
-
-@dataclass(frozen=True)
-class TaskCommand:
-    """A sub-command running one :class:`ModelRunner` task method.
-
-    ``output`` says how results are shown: ``text``; ``image`` (a generated 256x256 image);
-    ``rescaled`` (a generated image brought back to the input's size); ``gray`` (the same, as
-    grayscale); ``masks``, ``boxes`` or ``pose`` (drawn onto the input image).
-    """
-
-    name: str
-    method: str
-    help: str
-    args: tuple[Arg, ...]
-    output: str
-
-
-IMAGE = Arg("image", "image", "IMAGE", "input image file")
-BOX = Arg("box", "location", help="the region, in pixels of IMAGE")
-OPTIONS = Arg("options", "answer_options", help="comma-separated answers to choose from (scored by loss)")
-MASKS = Arg("masks", "binary_masks", "MASK", "mask images (white = the region)")
-
-TASK_COMMANDS: tuple[TaskCommand, ...] = (
-    TaskCommand("caption", "caption", "describe an image", (IMAGE,), "text"),
-    TaskCommand("vqa", "vqa", "answer a question about an image",
-                (IMAGE, Arg("text", "question", "QUESTION")), "text"),
-    TaskCommand("depth", "depth", "estimate depth; saves a grayscale PNG of the input's size", (IMAGE,), "gray"),
-    TaskCommand("surface-normal", "surface_normal", "estimate surface normals; saves an RGB PNG",
-                (IMAGE,), "rescaled"),
-    TaskCommand("generate", "image_generation", "generate a 256x256 image from a description",
-                (Arg("text", "description", "DESCRIPTION"),), "image"),
-    TaskCommand("inpaint", "image_inpainting", "repaint a box of an image with a description",
-                (IMAGE, BOX, Arg("text", "replace_with", "REPLACEMENT")), "rescaled"),
-    TaskCommand("segment", "object_segmentation", "segment every instance of an object; draws the masks",
-                (IMAGE, Arg("text", "object_name", "OBJECT")), "masks"),
-    TaskCommand("refexp", "refexp", "find the region a referring expression describes; draws the box",
-                (IMAGE, Arg("text", "expression", "EXPRESSION")), "boxes"),
-    TaskCommand("locate", "object_localization", "find every instance of an object; draws the boxes",
-                (IMAGE, Arg("text", "object_name", "OBJECT")), "boxes"),
-    TaskCommand("region-caption", "region_caption", "describe a region of an image", (IMAGE, BOX), "text"),
-    TaskCommand("region-classify", "region_classification", "name the object in a region",
-                (IMAGE, BOX, OPTIONS), "text"),
-    TaskCommand("classify", "image_classification", "name what the image shows", (IMAGE, OPTIONS), "text"),
-    TaskCommand("pose", "pose", "find the joints of the person in a region; draws the skeleton",
-                (IMAGE, BOX), "pose"),
-    TaskCommand("seg-generate", "segmentation_based_generation",
-                "generate an image whose regions (mask files) show the given labels", (MASKS,), "image"),
-)
-SPATIAL_OUTPUTS = ("image", "rescaled", "gray", "masks", "boxes", "pose")
-
+# ---- the task arguments --------------------------------------------------------------------------
 
 def _add_arg(parser: argparse.ArgumentParser, arg: Arg) -> None:
     """Declare ``arg`` on a sub-command's parser."""
@@ -331,125 +266,6 @@ def _check_model_args(args: argparse.Namespace) -> None:
 
 # ---- showing results -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Context:
-    """What the output writers need besides a result: the input image, the box, the output file."""
-
-    image: np.ndarray | None
-    output: Path | None
-    tokenizer: Any = None
-    box: Sequence[float] | None = None
-
-
-_PER_DECODE = {"text": ("text",), "image": ("image", "text"), "rescaled": ("image", "rescaled_image"),
-               "gray": ("image", "rescaled_image"), "masks": ("mask",), "boxes": ("boxes", "labels"),
-               "pose": ("points", "labels", "invalid")}
-
-
-def split_decodes(result: Mapping[str, Any], output: str, num_decodes: int | None) -> list[dict]:
-    """One dict per decode (best score first) holding that decode's fields and its ``score``."""
-    scores = np.ravel(result["score"])
-    keys = [key for key in _PER_DECODE[output] if result.get(key) is not None]
-    if num_decodes is None:
-        return [{**{key: result[key] for key in keys}, "score": float(scores[0])}]
-    decodes = [{**{key: result[key][i] for key in keys}, "score": float(score)} for i, score in enumerate(scores)]
-    return sorted(decodes, key=lambda decode: -decode["score"])
-
-
-def _save(image: Image.Image, path: Path) -> Outcome:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return {"output": str(path), "width": image.width, "height": image.height}, [
-        f"wrote {path} ({image.width}x{image.height})"]
-
-
-def _to_input_size(image: np.ndarray, ctx: Context, mode: str = "bilinear") -> np.ndarray:
-    """A generated (padded, square) image cropped and resized back to the input image's size."""
-    from .processing import undo_image_preprocessing
-
-    return undo_image_preprocessing(image, ctx.image.shape[:2], mode=mode)
-
-
-def _show_text(decode: dict, ctx: Context) -> Outcome:
-    return {"text": decode["text"]}, [decode["text"]]
-
-
-def _show_image(decode: dict, ctx: Context) -> Outcome:
-    record, lines = _save(draw.to_pil(decode["image"]), ctx.output)
-    if decode.get("text"):
-        record, lines = {"text": decode["text"], **record}, [decode["text"], *lines]
-    return record, lines
-
-
-def _rescaled(decode: dict, ctx: Context) -> np.ndarray:
-    return decode["rescaled_image"] if "rescaled_image" in decode else _to_input_size(decode["image"], ctx)
-
-
-def _show_rescaled(decode: dict, ctx: Context) -> Outcome:
-    return _save(draw.to_pil(_rescaled(decode, ctx)), ctx.output)
-
-
-def _show_gray(decode: dict, ctx: Context) -> Outcome:
-    return _save(draw.grayscale(_rescaled(decode, ctx)), ctx.output)
-
-
-def _show_masks(decode: dict, ctx: Context) -> Outcome:
-    masks = [_to_input_size(m[..., None].astype(np.float32), ctx, "nearest")[..., 0] > 0.5 for m in decode["mask"]]
-    record, lines = _save(draw.overlay_masks(ctx.image, masks), ctx.output)
-    pixels = [int(m.sum()) for m in masks]
-    return {"masks": len(masks), "mask_pixels": pixels, **record}, [
-        f"{len(masks)} mask(s) of {', '.join(map(str, pixels)) or 'no'} pixels", *lines]
-
-
-def _show_boxes(decode: dict, ctx: Context) -> Outcome:
-    boxes = np.asarray(decode["boxes"], dtype=np.float64).reshape(-1, 4)
-    labels = [ctx.tokenizer.decode(np.asarray(ids).tolist()).strip() for ids in decode.get("labels", [])]
-    record, lines = _save(draw.draw_boxes(ctx.image, boxes, labels), ctx.output)
-    found = [" ".join(f"{v:.1f}" for v in box) + (f"  {label}" if label else "")
-             for box, label in zip(boxes, labels + [""] * len(boxes))]
-    return {"boxes": boxes.round(2).tolist(), "labels": labels, **record}, [*(found or ["no boxes found"]), *lines]
-
-
-def _show_pose(decode: dict, ctx: Context) -> Outcome:
-    points, visibility = decode.get("points"), decode.get("labels")
-    record, lines = _save(draw.draw_keypoints(ctx.image, points, visibility, ctx.box), ctx.output)
-    keypoints = [] if points is None else [
-        {"name": name, "x": round(float(x), 2), "y": round(float(y), 2), "visibility": int(v)}
-        for name, (x, y), v in zip(draw.COCO_KEYPOINTS, np.asarray(points), visibility)]
-    shown = [f"{k['name']:<15} {k['x']:7.1f} {k['y']:7.1f}  {'visible' if k['visibility'] == 2 else 'occluded'}"
-             for k in keypoints if k["visibility"] > 0]
-    if decode.get("invalid"):
-        shown.append("(the model's output was not well-formed keypoints)")
-    return {"keypoints": keypoints, "invalid": bool(decode.get("invalid")), **record}, [
-        *(shown or ["no visible keypoints"]), *lines]
-
-
-SHOW: dict[str, Callable[[dict, Context], Outcome]] = {
-    "text": _show_text, "image": _show_image, "rescaled": _show_rescaled, "gray": _show_gray,
-    "masks": _show_masks, "boxes": _show_boxes, "pose": _show_pose}
-
-
-def _numbered(path: Path | None, index: int, count: int) -> Path | None:
-    """``out.png`` for a single decode; ``out-1.png``, ``out-2.png``... for several."""
-    if path is None or count == 1:
-        return path
-    return path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
-
-
-def show(name: str, output: str, result: Mapping[str, Any], ctx: Context, num_decodes: int | None) -> Outcome:
-    """Save and describe a task result: the JSON record of the best decode (plus ``decodes``)."""
-    decodes = split_decodes(result, output, num_decodes)
-    records, lines = [], []
-    for i, decode in enumerate(decodes):
-        record, shown = SHOW[output](decode, replace(ctx, output=_numbered(ctx.output, i, len(decodes))))
-        records.append({**record, "score": decode["score"]})
-        lines += shown if len(decodes) == 1 else [f"#{i + 1} score {decode['score']:.4f}", *(f"  {s}" for s in shown)]
-    record = {"command": name, **records[0]}
-    if num_decodes is not None:
-        record["decodes"] = records
-    return record, lines
-
-
 def _output_path(args: argparse.Namespace, name: str, output: str) -> Path | None:
     """``-o``, else ``<input stem>-<command>.png`` (``<command>.png`` without input) for spatial outputs."""
     if output not in SPATIAL_OUTPUTS:
@@ -462,21 +278,33 @@ def _output_path(args: argparse.Namespace, name: str, output: str) -> Path | Non
 
 # ---- sub-commands --------------------------------------------------------------------------------
 
-def _task_handler(command: TaskCommand) -> Callable[[argparse.Namespace], Outcome]:
-    """The handler of a task sub-command: read and check inputs, load the model, run, show."""
+def show(request, result: dict, tokenizer, output: Path | None) -> Outcome:
+    """Describe a result as the CLI does, saving its images to ``output`` (numbered for several decodes)."""
+    from .requests import describe_request
+
+    record, lines, images = describe_request(request, result, tokenizer, None if output is None else str(output))
+    for name, image in images.items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(name)
+    return record, lines
+
+
+def _task_handler(name: str) -> Callable[[argparse.Namespace], Outcome]:
+    """The handler of task ``name``'s sub-command: read and check inputs, load the model, run, show."""
+    from .requests import TaskRequest
+
+    task = TASKS[name]
 
     def handle(args: argparse.Namespace) -> Outcome:
         _check_model_args(args)
         _check_output(getattr(args, "output", None))
         inputs: dict = {}
-        for arg in command.args:
+        for arg in task.args:
             inputs.update(_read_arg(args, arg, inputs))
         runner = load_runner(args)
-        result = getattr(runner, command.method)(**inputs, num_decodes=args.num_decodes,
-                                                 beam_search=args.beam_search)
-        ctx = Context(inputs.get("image"), _output_path(args, command.name, command.output), runner.tokenizer,
-                      inputs.get("location"))
-        return show(command.name, command.output, result, ctx, args.num_decodes)
+        result = getattr(runner, name)(**inputs, num_decodes=args.num_decodes, beam_search=args.beam_search)
+        request = TaskRequest(name, inputs, args.num_decodes, args.beam_search)
+        return show(request, result, runner.tokenizer, _output_path(args, task.command, task.shows))
 
     return handle
 
@@ -490,16 +318,17 @@ def _cmd_run(args: argparse.Namespace) -> Outcome:
         raise UsageError("--options scores text answers; it cannot be combined with --image-output")
     if args.text_len == 1 and not args.image_output:
         raise UsageError("--text-len 1 leaves no room for text; use 2 or more (or --image-output)")
+    from .requests import RUN, TaskRequest, run_requests
+
     image = None if args.image == "-" else read_image(args.image)
-    text_len = args.text_len or (1 if args.image_output else 32)
+    inputs = {"image": image, "prompt": args.prompt, "text_len": args.text_len, "image_output": args.image_output,
+              "answer_options": options}
+    request = TaskRequest(RUN, inputs, args.num_decodes, args.beam_search)
     runner = load_runner(args)
-    out = runner.run([image], [args.prompt], output_text_len=text_len, generate_image=args.image_output,
-                     beam_search=args.beam_search, num_decodes=args.num_decodes, answer_options=options)
-    result = {"text": None if out["text"] is None else out["text"][0],
-              "image": None if out["image"] is None else out["image"][0], "score": out["score"][0]}
-    kind = "image" if args.image_output else "text"
-    ctx = Context(image, _output_path(args, "run", kind), runner.tokenizer)
-    return show("run", kind, result, ctx, args.num_decodes)
+    result = run_requests(runner, [request])[0]
+    if isinstance(result, Exception):
+        raise result
+    return show(request, result, runner.tokenizer, _output_path(args, RUN, "image" if args.image_output else "text"))
 
 
 def _cmd_demo(args: argparse.Namespace) -> Outcome:
@@ -508,7 +337,7 @@ def _cmd_demo(args: argparse.Namespace) -> Outcome:
     image = demo_image()
     runner = load_runner(args)
     result = runner.vqa(image, DEMO_QUESTION, num_decodes=args.num_decodes, beam_search=args.beam_search)
-    record, lines = show("demo", "text", result, Context(image, None), args.num_decodes)
+    record, lines, _ = describe("demo", "text", result, Context(image), args.num_decodes)
     answer = [f"A: {lines[0]}"] if args.num_decodes is None else lines
     return {**record, "question": DEMO_QUESTION}, [f"Q: {DEMO_QUESTION}", *answer]
 
@@ -685,13 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     base, model = _common_parsers()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in TASK_COMMANDS:
-        p = sub.add_parser(command.name, parents=[base, model], help=command.help, description=command.help + ".")
-        for arg in command.args:
+    for name, task in TASKS.items():
+        p = sub.add_parser(task.command, parents=[base, model], help=task.help, description=task.help + ".")
+        for arg in task.args:
             _add_arg(p, arg)
-        if command.output in SPATIAL_OUTPUTS:
+        if task.shows in SPATIAL_OUTPUTS:
             _add_output(p)
-        p.set_defaults(handler=_task_handler(command))
+        p.set_defaults(handler=_task_handler(name))
     p = sub.add_parser("run", parents=[base, model], help="run any prompt (IMAGE - for none)",
                        description="Run the model on an arbitrary prompt.")
     p.add_argument("image", metavar="IMAGE|-", help="input image file, or - for a text-only prompt")

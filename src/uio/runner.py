@@ -24,7 +24,7 @@ from .tasks import (  # noqa: F401  (the original exposes its prompts and colors
     CAPTIONING_PROMPT, DEPTH_PROMPT, GEN_SEGMENTATION_COLOR_NAMES, GEN_SEGMENTATION_COLORS, IMAGE_GENERATION,
     IMAGE_INPAINTING, IMAGE_TAGGING, OBJECT_SEGMENTATION, POSE_ESTIMATION, REFEXP_PROMPT, REGION_CAPTION,
     REGION_CLASSIFICATION, SEGMENTATION_BASED_GENERATION, SURFACE_NORMAL_PROMPT, TASKS, Task, build_prompt,
-    postprocess, region_text, segmentation_input)
+    model_call, postprocess, region_text, segmentation_input, task_result)
 from .tokenizer import T5Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -305,96 +305,74 @@ class ModelRunner:
 
     # ---- tasks ---------------------------------------------------------------------------------
 
-    def _task(self, name: str, image: np.ndarray | None, text: str | None = None, *, num_decodes: int | None = None,
-              beam_search: bool | None = None, answer_options=None, mask_region=None,
-              original: np.ndarray | None = None) -> dict:
-        """Run task ``name`` on one image; ``original`` is the image outputs refer to (default ``image``)."""
-        task: Task = TASKS[name]
-        if beam_search is None:
-            beam_search = task.beam_search
-        out = self.run([image], [build_prompt(task, text)], output_text_len=task.output_text_len,
-                       generate_image=task.generate_image, beam_search=beam_search, num_decodes=num_decodes,
-                       answer_options=answer_options, mask_regions=None if mask_region is None else [mask_region])
-        return postprocess(task, out, image if original is None else original, self.tokenizer,
-                           many=num_decodes is not None)
-
-    @staticmethod
-    def _require_image(image: Any, task: str) -> np.ndarray:
-        if image is None or np.ndim(image) != 3 or np.shape(image)[-1] != 3:
-            raise ValueError(f"{task} needs an HxWx3 image array, got {None if image is None else np.shape(image)}")
-        return np.asarray(image)
+    def _task(self, name: str, inputs: dict, num_decodes: int | None, beam_search: bool | None) -> dict:
+        """Run task ``name`` on ``inputs`` (its method's arguments): prepare, run, post-process."""
+        call = model_call(name, inputs, num_decodes, beam_search)
+        return task_result(name, call, self.run(**call.run_arguments()), self.tokenizer)
 
     def caption(self, image: np.ndarray, num_decodes: int | None = None, beam_search: bool | None = None) -> dict:
         """Caption ``image``: ``{"text", "score"}``."""
-        return self._task("caption", self._require_image(image, "caption"), num_decodes=num_decodes,
-                          beam_search=beam_search)
+        return self._task("caption", {"image": image}, num_decodes, beam_search)
 
     def vqa(self, image: np.ndarray, question: str, num_decodes: int | None = None,
             beam_search: bool | None = None) -> dict:
         """Answer ``question`` about ``image`` (lowercased, as trained): ``{"text", "score"}``."""
-        return self._task("vqa", self._require_image(image, "vqa"), question, num_decodes=num_decodes,
-                          beam_search=beam_search)
+        return self._task("vqa", {"image": image, "question": question}, num_decodes, beam_search)
 
     def depth(self, image: np.ndarray, num_decodes: int | None = None, beam_search: bool | None = None) -> dict:
         """Depth map of ``image``: ``{"image" (256x256x3), "rescaled_image" (image's size), "score"}``."""
-        return self._task("depth", self._require_image(image, "depth"), num_decodes=num_decodes,
-                          beam_search=beam_search)
+        return self._task("depth", {"image": image}, num_decodes, beam_search)
 
     def surface_normal(self, image: np.ndarray, num_decodes: int | None = None,
                        beam_search: bool | None = None) -> dict:
         """RGB surface normals of ``image``: ``{"image", "rescaled_image", "score"}``."""
-        return self._task("surface_normal", self._require_image(image, "surface_normal"), num_decodes=num_decodes,
-                          beam_search=beam_search)
+        return self._task("surface_normal", {"image": image}, num_decodes, beam_search)
 
     def image_generation(self, description: str, num_decodes: int | None = None,
                          beam_search: bool | None = None) -> dict:
         """Generate a 256x256 image of ``description``: ``{"image", "score"}``."""
-        return self._task("image_generation", None, description, num_decodes=num_decodes, beam_search=beam_search)
+        return self._task("image_generation", {"description": description}, num_decodes, beam_search)
 
     def image_inpainting(self, image: np.ndarray, location: Sequence[float], replace_with: str,
                          num_decodes: int | None = None, beam_search: bool | None = None) -> dict:
         """Repaint box ``location`` ([x1, y1, x2, y2] pixels) of ``image`` with ``replace_with``."""
-        image = self._require_image(image, "image_inpainting")
-        return self._task("image_inpainting", image, region_text(location, image, replace_with),
-                          num_decodes=num_decodes, beam_search=beam_search, mask_region=np.asarray(location))
+        return self._task("image_inpainting", {"image": image, "location": location, "replace_with": replace_with},
+                          num_decodes, beam_search)
 
     def object_segmentation(self, image: np.ndarray, object_name: str, num_decodes: int | None = None,
                             beam_search: bool | None = None) -> dict:
         """Instance masks of ``object_name``: ``{"mask" (list of 256x256 bool), "image", "score"}``."""
-        return self._task("object_segmentation", self._require_image(image, "object_segmentation"), object_name,
-                          num_decodes=num_decodes, beam_search=beam_search)
+        return self._task("object_segmentation", {"image": image, "object_name": object_name},
+                          num_decodes, beam_search)
 
     def refexp(self, image: np.ndarray, expression: str, num_decodes: int | None = None,
                beam_search: bool | None = None) -> dict:
         """Boxes for the referring ``expression``: ``{"boxes", "labels", "text", "score", "text_tokens"}``."""
-        return self._task("refexp", self._require_image(image, "refexp"), expression, num_decodes=num_decodes,
-                          beam_search=beam_search)
+        return self._task("refexp", {"image": image, "expression": expression}, num_decodes, beam_search)
 
     def object_localization(self, image: np.ndarray, object_name: str, num_decodes: int | None = None,
                             beam_search: bool | None = None) -> dict:
         """Boxes of every ``object_name`` (same prompt as :meth:`refexp`)."""
-        return self._task("object_localization", self._require_image(image, "object_localization"), object_name,
-                          num_decodes=num_decodes, beam_search=beam_search)
+        return self._task("object_localization", {"image": image, "object_name": object_name},
+                          num_decodes, beam_search)
 
     def region_caption(self, image: np.ndarray, location: Sequence[float], num_decodes: int | None = None,
                        beam_search: bool | None = None) -> dict:
         """Caption the box ``location``: ``{"text", "score"}``."""
-        image = self._require_image(image, "region_caption")
-        return self._task("region_caption", image, region_text(location, image), num_decodes=num_decodes,
-                          beam_search=beam_search)
+        return self._task("region_caption", {"image": image, "location": location}, num_decodes, beam_search)
 
     def region_classification(self, image: np.ndarray, location: Sequence[float], num_decodes: int | None = None,
                               answer_options: Sequence[str] | None = None, beam_search: bool | None = None) -> dict:
         """Class of the object in box ``location``, one of ``answer_options`` if given."""
-        image = self._require_image(image, "region_classification")
-        return self._task("region_classification", image, region_text(location, image), num_decodes=num_decodes,
-                          beam_search=beam_search, answer_options=answer_options)
+        return self._task("region_classification",
+                          {"image": image, "location": location, "answer_options": answer_options},
+                          num_decodes, beam_search)
 
     def image_classification(self, image: np.ndarray, num_decodes: int | None = None,
                              answer_options: Sequence[str] | None = None, beam_search: bool | None = None) -> dict:
         """Class of ``image``, one of ``answer_options`` if given: ``{"text", "score"}``."""
-        return self._task("image_classification", self._require_image(image, "image_classification"),
-                          num_decodes=num_decodes, beam_search=beam_search, answer_options=answer_options)
+        return self._task("image_classification", {"image": image, "answer_options": answer_options},
+                          num_decodes, beam_search)
 
     def pose(self, image: np.ndarray, location: Sequence[float], num_decodes: int | None = None,
              beam_search: bool | None = None) -> dict:
@@ -402,13 +380,10 @@ class ModelRunner:
 
         Samples by default, as the original does; ``beam_search=True`` makes it deterministic.
         """
-        image = self._require_image(image, "pose")
-        return self._task("pose", image, region_text(location, image), num_decodes=num_decodes,
-                          beam_search=beam_search)
+        return self._task("pose", {"image": image, "location": location}, num_decodes, beam_search)
 
     def segmentation_based_generation(self, binary_masks: Sequence[np.ndarray], labels: Sequence[str],
                                       num_decodes: int | None = None, beam_search: bool | None = None) -> dict:
         """Generate an image whose pixels in ``binary_masks[i]`` show ``labels[i]``: ``{"image", "score"}``."""
-        image, text = segmentation_input(binary_masks, labels)
-        return self._task("segmentation_based_generation", image, text, num_decodes=num_decodes,
-                          beam_search=beam_search)
+        return self._task("segmentation_based_generation", {"binary_masks": binary_masks, "labels": labels},
+                          num_decodes, beam_search)

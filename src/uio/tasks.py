@@ -1,4 +1,8 @@
-"""The tasks Unified-IO was trained on: one table of prompts, output settings and post-processors.
+"""The tasks Unified-IO was trained on: one table of prompts, inputs, output settings and post-processors.
+
+Each :data:`TASKS` entry says everything about a task: the prompt, the inputs it takes (read by
+the CLI's sub-commands, the server's endpoints and batch jobs), how the model is run, and how its
+output is post-processed and shown. :class:`~uio.runner.ModelRunner` has one method per entry.
 
 Prompts are the reference's, word for word (the model was trained on them). A task's ``{}`` is
 filled with its text argument; region arguments become four location tokens first.
@@ -7,11 +11,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import processing
+# uio.processing (and with it torch) is imported where used: the CLI reads this table for --help.
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +42,38 @@ GEN_SEGMENTATION_COLOR_NAMES = ["white", "red", "lime", "blue", "white", "gray",
 
 
 @dataclass(frozen=True)
+class Arg:
+    """One input of a task.
+
+    ``kind`` says what it is: ``image`` (an image), ``text`` (one string), ``box`` (X1 Y1 X2 Y2
+    pixels of the image), ``options`` (answers to choose from, optional) or ``masks`` (mask
+    images and their ``labels``). ``keyword`` is the :class:`~uio.runner.ModelRunner` method's
+    parameter it fills; ``metavar`` and ``help`` describe it on the command line.
+    """
+
+    kind: str
+    keyword: str
+    metavar: str = ""
+    help: str = ""
+
+
+IMAGE = Arg("image", "image", "IMAGE", "input image file")
+BOX = Arg("box", "location", help="the region, in pixels of IMAGE")
+OPTIONS = Arg("options", "answer_options", help="comma-separated answers to choose from (scored by loss)")
+MASKS = Arg("masks", "binary_masks", "MASK", "mask images (white = the region)")
+
+
+@dataclass(frozen=True)
 class Task:
-    """How one task calls the model and reads its output.
+    """A task: how to call the model, read its output and show it.
 
     ``output`` names the post-processor: ``text``, ``image``, ``rescaled_image`` (also resized back
     to the input's size), ``segmentation``, ``boxes`` or ``pose``. ``beam_search=None`` keeps the
-    reference's default (beam search for text, sampling for images).
+    reference's default (beam search for text, sampling for images). ``command`` is the CLI's
+    sub-command, ``args`` the inputs in the method's order, and ``shows`` how a result is shown:
+    ``text``; ``image`` (a generated 256x256 image); ``rescaled`` (a generated image brought back
+    to the input's size); ``gray`` (the same, as grayscale); ``masks``, ``boxes`` or ``pose``
+    (drawn onto the input image). ``hides_box``: the box's pixels are hidden from the model.
     """
 
     prompt: str
@@ -52,28 +82,104 @@ class Task:
     output: str
     beam_search: bool | None = None
     lowercase: bool = False
+    command: str = ""
+    help: str = ""
+    args: tuple[Arg, ...] = ()
+    shows: str = "text"
+    hides_box: bool = False
 
 
 TASKS: dict[str, Task] = {
-    "caption": Task(CAPTIONING_PROMPT, 32, False, "text"),
-    "vqa": Task("{}", 32, False, "text", lowercase=True),
-    "depth": Task(DEPTH_PROMPT, 1, True, "rescaled_image"),
-    "surface_normal": Task(SURFACE_NORMAL_PROMPT, 1, True, "rescaled_image"),
-    "image_generation": Task(IMAGE_GENERATION, 1, True, "image"),
-    "image_inpainting": Task(IMAGE_INPAINTING, 1, True, "image"),
-    "object_segmentation": Task(OBJECT_SEGMENTATION, 1, True, "segmentation"),
-    "refexp": Task(REFEXP_PROMPT, 32, False, "boxes"),
-    "object_localization": Task(REFEXP_PROMPT, 32, False, "boxes"),
-    "region_caption": Task(REGION_CAPTION, 32, False, "text"),
-    "region_classification": Task(REGION_CLASSIFICATION, 32, False, "text"),
-    "image_classification": Task(IMAGE_TAGGING, 32, False, "text"),
-    "pose": Task(POSE_ESTIMATION, 128, False, "pose", beam_search=False),
-    "segmentation_based_generation": Task(SEGMENTATION_BASED_GENERATION, 1, True, "image"),
+    "caption": Task(CAPTIONING_PROMPT, 32, False, "text", command="caption", help="describe an image",
+                    args=(IMAGE,)),
+    "vqa": Task("{}", 32, False, "text", lowercase=True, command="vqa", help="answer a question about an image",
+                args=(IMAGE, Arg("text", "question", "QUESTION"))),
+    "depth": Task(DEPTH_PROMPT, 1, True, "rescaled_image", command="depth",
+                  help="estimate depth; saves a grayscale PNG of the input's size", args=(IMAGE,), shows="gray"),
+    "surface_normal": Task(SURFACE_NORMAL_PROMPT, 1, True, "rescaled_image", command="surface-normal",
+                           help="estimate surface normals; saves an RGB PNG", args=(IMAGE,), shows="rescaled"),
+    "image_generation": Task(IMAGE_GENERATION, 1, True, "image", command="generate",
+                             help="generate a 256x256 image from a description",
+                             args=(Arg("text", "description", "DESCRIPTION"),), shows="image"),
+    "image_inpainting": Task(IMAGE_INPAINTING, 1, True, "image", command="inpaint",
+                             help="repaint a box of an image with a description",
+                             args=(IMAGE, BOX, Arg("text", "replace_with", "REPLACEMENT")), shows="rescaled",
+                             hides_box=True),
+    "object_segmentation": Task(OBJECT_SEGMENTATION, 1, True, "segmentation", command="segment",
+                                help="segment every instance of an object; draws the masks",
+                                args=(IMAGE, Arg("text", "object_name", "OBJECT")), shows="masks"),
+    "refexp": Task(REFEXP_PROMPT, 32, False, "boxes", command="refexp",
+                   help="find the region a referring expression describes; draws the box",
+                   args=(IMAGE, Arg("text", "expression", "EXPRESSION")), shows="boxes"),
+    "object_localization": Task(REFEXP_PROMPT, 32, False, "boxes", command="locate",
+                                help="find every instance of an object; draws the boxes",
+                                args=(IMAGE, Arg("text", "object_name", "OBJECT")), shows="boxes"),
+    "region_caption": Task(REGION_CAPTION, 32, False, "text", command="region-caption",
+                           help="describe a region of an image", args=(IMAGE, BOX)),
+    "region_classification": Task(REGION_CLASSIFICATION, 32, False, "text", command="region-classify",
+                                  help="name the object in a region", args=(IMAGE, BOX, OPTIONS)),
+    "image_classification": Task(IMAGE_TAGGING, 32, False, "text", command="classify",
+                                 help="name what the image shows", args=(IMAGE, OPTIONS)),
+    "pose": Task(POSE_ESTIMATION, 128, False, "pose", beam_search=False, command="pose",
+                 help="find the joints of the person in a region; draws the skeleton", args=(IMAGE, BOX),
+                 shows="pose"),
+    "segmentation_based_generation": Task(
+        SEGMENTATION_BASED_GENERATION, 1, True, "image", command="seg-generate",
+        help="generate an image whose regions (mask files) show the given labels", args=(MASKS,), shows="image"),
 }
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One example's :meth:`~uio.runner.ModelRunner.run` inputs, and the image its outputs refer to."""
+
+    image: np.ndarray | None
+    prompt: str
+    output_text_len: int
+    generate_image: bool
+    beam_search: bool | None = None
+    num_decodes: int | None = None
+    answer_options: Sequence[str] | None = None
+    mask_region: Sequence[float] | None = None
+    original: np.ndarray | None = None
+
+    def run_arguments(self) -> dict:
+        """Keyword arguments of ``ModelRunner.run`` for this example alone."""
+        return {"input_images": [self.image], "input_texts": [self.prompt], "output_text_len": self.output_text_len,
+                "generate_image": self.generate_image, "beam_search": self.beam_search,
+                "num_decodes": self.num_decodes, "answer_options": self.answer_options,
+                "mask_regions": None if self.mask_region is None else [self.mask_region]}
+
+
+def require_image(image: Any, task: str) -> np.ndarray:
+    """``image`` as an array if it is HxWx3, else a ValueError naming ``task``."""
+    if image is None or np.ndim(image) != 3 or np.shape(image)[-1] != 3:
+        raise ValueError(f"{task} needs an HxWx3 image array, got {None if image is None else np.shape(image)}")
+    return np.asarray(image)
+
+
+def model_call(name: str, inputs: Mapping[str, Any], num_decodes: int | None = None,
+               beam_search: bool | None = None) -> ModelCall:
+    """How task ``name`` runs the model on ``inputs`` (its method's keyword arguments)."""
+    task = TASKS[name]
+    kinds = {arg.kind: arg for arg in task.args}
+    image = require_image(inputs.get("image"), name) if "image" in kinds else None
+    text = inputs[kinds["text"].keyword] if "text" in kinds else None
+    location = inputs["location"] if "box" in kinds else None
+    if location is not None:
+        text = region_text(location, image, text)
+    if "masks" in kinds:
+        image, text = segmentation_input(inputs["binary_masks"], inputs["labels"])
+    return ModelCall(image, build_prompt(task, text), task.output_text_len, task.generate_image,
+                     task.beam_search if beam_search is None else beam_search, num_decodes,
+                     inputs.get("answer_options") if "options" in kinds else None,
+                     np.asarray(location) if task.hides_box else None, image)
 
 
 def region_text(location: Sequence[float], image: np.ndarray, extra: str | None = None) -> str:
     """A box [x1, y1, x2, y2] in pixels of ``image`` as its four location tokens (+ ``extra``)."""
+    from . import processing
+
     height, width = image.shape[:2]
     words = list(processing.region_to_tokens(location, width, height))
     if extra is not None:
@@ -114,6 +220,8 @@ def _parse_regions(tokens: np.ndarray, image_size: tuple[int, int]) -> tuple[lis
 
     The reference raised a bare ValueError here, losing the rest of the output.
     """
+    from . import processing
+
     try:
         return processing.tokens_to_regions(tokens, image_size)
     except ValueError as err:
@@ -123,6 +231,8 @@ def _parse_regions(tokens: np.ndarray, image_size: tuple[int, int]) -> tuple[lis
 
 def _parse_keypoints(tokens: np.ndarray, tokenizer, image_size: tuple[int, int]) -> tuple:
     """``(points, labels, invalid)``; ``(None, None, True)`` when the output is not keypoints."""
+    from . import processing
+
     try:
         return processing.extract_keypoints(tokens, tokenizer, image_size)
     except ValueError as err:
@@ -132,6 +242,8 @@ def _parse_keypoints(tokens: np.ndarray, tokenizer, image_size: tuple[int, int])
 
 def postprocess(task: Task, out: dict, image: np.ndarray | None, tokenizer, many: bool) -> dict:
     """Turn :meth:`ModelRunner.run` output for one example into the task's result dict."""
+    from . import processing
+
     kind = task.output
     if kind == "text":
         return {"text": out["text"][0], "score": out["score"][0]}
@@ -157,3 +269,8 @@ def postprocess(task: Task, out: dict, image: np.ndarray | None, tokenizer, many
         return {"points": points, "labels": labels, "invalid": invalid, "score": out["score"],
                 "text_tokens": out["text_tokens"]}
     raise ValueError(f"unknown task output kind {kind!r}")
+
+
+def task_result(name: str, call: ModelCall, out: dict, tokenizer) -> dict:
+    """Task ``name``'s result for ``call``, from :meth:`~uio.runner.ModelRunner.run`'s output for it alone."""
+    return postprocess(TASKS[name], out, call.original, tokenizer, many=call.num_decodes is not None)
