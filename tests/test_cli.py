@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,7 +200,7 @@ def test_convert_round_trip_and_bf16(capsys, tmp_path, conformance, model_args, 
     (["vqa", "missing.png", "q"], "missing.png: no such file"),
     (["vqa", "{bad}", "q"], "not a readable image"),
     (["region-caption", "{image}", "1", "2", "3"], "required: Y2"),
-    (["region-caption", "{image}", "10", "10", "5", "20"], "X1 < X2"),
+    (["region-caption", "{image}", "10", "10", "5", "20"], "box 10 10 5 20: need x1 < x2"),
     (["pose", "{image}", "10", "10", "900", "20"], "not inside the 640x480 image"),
     (["region-classify", "{image}", "1", "2", "x", "4"], "argument X2"),
     (["depth", "{image}", "-o", "depth.xyz"], "unknown image file extension"),
@@ -222,6 +224,51 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, image_path, argv, me
     assert code == 2 and out == ""
     assert err.startswith("uio") and ": error: " in err and message in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Commands fail loudly if they get as far as loading the model."""
+    def load(args):
+        raise AssertionError("the model was loaded before the bad output path was refused")
+
+    monkeypatch.setattr(cli, "load_runner", load)
+
+
+@pytest.mark.parametrize("output, message", [
+    ("{file}/d.png", "output file {file}/d.png: {file} is a file, not a folder"),
+    ("{file}/sub/d.png", "{file} is a file, not a folder"),
+    ("{folder}", "output file {folder}: is a folder; give a file name such as {folder}/out.png"),
+    ("/proc/uio-output-test/d.png", "output file /proc/uio-output-test/d.png: cannot write there"),
+])
+def test_output_paths_are_checked_before_loading(capsys, tmp_path, no_loading, model_args, image_path, output,
+                                                 message):
+    if output.startswith("/proc") and not Path("/proc/self").exists():
+        pytest.skip("needs Linux's read-only /proc")
+    (tmp_path / "photo.png").write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()
+    names = {"file": tmp_path / "photo.png", "folder": tmp_path / "folder.png"}
+    code, out, err = run_cli(capsys, "depth", image_path, "-o", output.format(**names), *model_args)
+    assert code == 2 and out == ""
+    assert message.format(**names) in err and len(err.strip().splitlines()) == 1
+
+
+def test_default_and_numbered_outputs_are_checked_too(capsys, tmp_path, monkeypatch, no_loading, model_args,
+                                                      image_path):
+    (tmp_path / "d-2.png").mkdir()
+    code, _, err = run_cli(capsys, "depth", image_path, "-o", tmp_path / "d.png", "--num-decodes", "2", *model_args)
+    assert code == 2 and f"output file {tmp_path / 'd-2.png'}: is a folder" in err
+    if Path("/proc/self").exists():
+        monkeypatch.chdir("/proc")  # the default output goes to the current folder
+        code, _, err = run_cli(capsys, "generate", "a bus", *model_args)
+        assert code == 2 and "output file generate.png: cannot write there" in err
+
+
+def test_a_full_disk_is_refused_before_loading(capsys, tmp_path, monkeypatch, no_loading, model_args, image_path):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    code, _, err = run_cli(capsys, "run", image_path, "p", "--image-output", "-o", tmp_path / "o.png", *model_args)
+    assert code == 2 and f"output file {tmp_path / 'o.png'}: only 4,096 bytes free in {tmp_path}" in err
 
 
 def test_library_errors_exit_1(capsys, tmp_path, conformance, image_path):

@@ -159,19 +159,17 @@ def test_sampling_is_deterministic_per_seed(runner, test_image):
 
 
 @pytest.mark.parametrize("bad_call, message", [
-    (lambda r, im: r.run([im], ["a", "b"]), "1 images but 2 texts"),
+    (lambda r, im: r.run([im], ["a", "b"]), "1 input_images but 2 input_texts"),
     (lambda r, im: r.run([im], ["a"], output_text_len=200), "output_text_len"),
-    (lambda r, im: r.run([im[..., :2]], ["a"]), "HxWx3"),
+    (lambda r, im: r.run([im[..., :2]], ["a"]), r"input_images\[0\] must have shape \(height, width, 3\)"),
     (lambda r, im: r.run([im], ["a"], answer_options=["x"], num_decodes=2), "num_decodes"),
-    (lambda r, im: r.vqa(None, "what ?"), "needs an HxWx3 image"),
     (lambda r, im: r.segmentation_based_generation([], []), "1 to 16 masks"),
     (lambda r, im: r.segmentation_based_generation([np.ones((4, 4), bool)], ["a", "b"]), "1 masks but 2 labels"),
     (lambda r, im: r.segmentation_based_generation([np.ones((4, 4), bool), np.ones((4, 5), bool)], ["a", "b"]),
      "same height and width"),
-    (lambda r, im: r.run([], []), "at least one input"),
+    (lambda r, im: r.run([], []), "at least one prompt"),
     (lambda r, im: r.run([im], ["a"], num_decodes=0), "num_decodes must be at least 1"),
-    (lambda r, im: r.run([im], ["a"], mask_regions=[None, None]), "2 mask regions for 1 images"),
-    (lambda r, im: r.run([im], ["a"], answer_options=[1, 2]), "list of strings or a list of HxWx3"),
+    (lambda r, im: r.run([im], ["a"], mask_regions=[None, None]), "mask_regions must hold one box .* per image"),
 ])
 def test_bad_input_raises_clear_errors(runner, test_image, bad_call, message):
     with pytest.raises(ValueError, match=message):

@@ -12,16 +12,20 @@ file, malformed box...), 1 when the work itself fails (checkpoint, download, mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .results import SPATIAL_OUTPUTS, Context, describe
+from . import checks, images
+from .results import SPATIAL_OUTPUTS, Context, describe, numbered
 from .tasks import OPTIONS, TASKS, Arg
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -30,6 +34,7 @@ MODEL_SIZES = ("small", "base", "large", "xl")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 MAX_TEXT_LEN = 128  # ModelRunner's MAX_OUTPUT_TEXT_LEN, kept here so --help does not import torch
 _MAX_ERROR_LINE = 400
+_MIN_FREE_BYTES = 1 << 20  # an output image needs at most a few MiB; less than this free is surely too little
 
 Outcome = tuple[dict, list[str]]  # (the JSON record, the lines printed without --json)
 
@@ -51,26 +56,22 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- reading inputs ------------------------------------------------------------------------------
 
-def _open_image(source: str | Path | BinaryIO, name: str, mode: str = "RGB") -> Image.Image:
-    """Open an image file (EXIF orientation applied) converted to ``mode``, or raise UsageError."""
-    if isinstance(source, (str, Path)) and not Path(source).is_file():
-        raise UsageError(f"{name}: no such file")
+def _read(reader: Callable[..., np.ndarray], source: str | Path | BinaryIO, name: str) -> np.ndarray:
+    """``reader(source, name)`` (a :mod:`uio.images` reader), its errors as :class:`UsageError`."""
     try:
-        with Image.open(source) as image:
-            return ImageOps.exif_transpose(image).convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UsageError(f"{name}: not a readable image ({err})") from None
+        return reader(source, name)
+    except ValueError as err:  # ImageReadError: names the file and the problem
+        raise UsageError(str(err)) from None
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as an HxWx3 uint8 array; :class:`UsageError` if missing or unreadable."""
-    return np.array(_open_image(path, str(path)))
+    """An image file as an HxWx3 uint8 array (:func:`uio.images.read_image`); :class:`UsageError` if unusable."""
+    return _read(images.read_image, path, str(path))
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask image as an HxW bool array: pixels brighter than half the brightest (0/1 or 0/255)."""
-    array = np.array(_open_image(path, str(path), mode="L"))
-    return array > array.max() / 2 if array.max() > 0 else np.zeros(array.shape, bool)
+    """A mask image as an HxW bool array (:func:`uio.images.read_mask`); :class:`UsageError` if unusable."""
+    return _read(images.read_mask, path, str(path))
 
 
 def demo_image() -> np.ndarray:
@@ -78,7 +79,7 @@ def demo_image() -> np.ndarray:
     from importlib import resources
 
     with resources.files("uio").joinpath("assets").joinpath("demo.png").open("rb") as f:
-        return np.array(_open_image(f, "demo.png"))
+        return _read(images.read_image, f, "demo.png")
 
 
 def _coordinate(text: str) -> float:
@@ -116,21 +117,51 @@ def _comma_list(text: str) -> list[str]:
 
 
 def check_box(box: Sequence[float], image: np.ndarray) -> list[float]:
-    """``[x1, y1, x2, y2]`` if it is a non-empty box inside ``image``, else :class:`UsageError`."""
-    x1, y1, x2, y2 = box
-    height, width = image.shape[:2]
-    shown = " ".join(f"{v:g}" for v in box)
-    if x2 <= x1 or y2 <= y1:
-        raise UsageError(f"box {shown}: need X1 < X2 and Y1 < Y2 (corners left-top then right-bottom)")
-    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-        raise UsageError(f"box {shown} is not inside the {width}x{height} image")
-    return [float(v) for v in box]
+    """``[x1, y1, x2, y2]`` if it is a non-empty box inside ``image`` (:func:`uio.checks.check_box`), else
+    :class:`UsageError`."""
+    try:
+        return checks.check_box(box, image, "box")
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
 
 
-def _check_output(path: str | None) -> None:
-    """Fail early on an output file name PIL cannot save to."""
-    if path is not None and Path(path).suffix.lower() not in Image.registered_extensions():
-        raise UsageError(f"{path}: unknown image file extension (use .png or .jpg)")
+def _nearest_existing(folder: Path) -> Path:
+    """``folder``, or its closest ancestor that exists (saving creates the missing ones)."""
+    return next(p for p in (folder, *folder.parents) if p.exists())
+
+
+def _check_writable(path: Path) -> None:
+    """UsageError unless ``path`` (or a new file in its folder) can be written now."""
+    try:
+        if path.exists():
+            open(path, "ab").close()  # opens for writing without changing the file
+        else:
+            with tempfile.TemporaryFile(dir=_nearest_existing(path.parent)):
+                pass
+    except OSError as err:
+        raise UsageError(f"output file {path}: cannot write there ({err.strerror or err})") from None
+
+
+def check_output_path(path: Path | None, count: int = 1) -> None:
+    """Fail before any work on an output image file that could not be saved.
+
+    ``count`` files are written when several decodes are shown (``out-1.png``...).
+    """
+    if path is None:
+        return
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"output file {path}: unknown image file extension (use .png or .jpg)")
+    folder = _nearest_existing(path.parent)
+    if not folder.is_dir():
+        raise UsageError(f"output file {path}: {folder} is a file, not a folder")
+    for index in range(count):
+        file = Path(numbered(str(path), index, count))
+        if file.is_dir():
+            raise UsageError(f"output file {file}: is a folder; give a file name such as {file / 'out.png'}")
+        _check_writable(file)
+    free = shutil.disk_usage(folder).free
+    if free < _MIN_FREE_BYTES:
+        raise UsageError(f"output file {path}: only {free:,} bytes free in {folder}; free some space or write elsewhere")
 
 
 # ---- the task arguments --------------------------------------------------------------------------
@@ -282,11 +313,20 @@ def show(request, result: dict, tokenizer, output: Path | None) -> Outcome:
     """Describe a result as the CLI does, saving its images to ``output`` (numbered for several decodes)."""
     from .requests import describe_request
 
-    record, lines, images = describe_request(request, result, tokenizer, None if output is None else str(output))
-    for name, image in images.items():
-        Path(name).parent.mkdir(parents=True, exist_ok=True)
-        image.save(name)
+    record, lines, pictures = describe_request(request, result, tokenizer, None if output is None else str(output))
+    for name, picture in pictures.items():
+        _save(picture, Path(name))
     return record, lines
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    except OSError as err:  # checked before the work, but a disk can fill up meanwhile
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # no truncated image left behind
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def _task_handler(name: str) -> Callable[[argparse.Namespace], Outcome]:
@@ -297,14 +337,15 @@ def _task_handler(name: str) -> Callable[[argparse.Namespace], Outcome]:
 
     def handle(args: argparse.Namespace) -> Outcome:
         _check_model_args(args)
-        _check_output(getattr(args, "output", None))
+        output = _output_path(args, task.command, task.shows)
+        check_output_path(output, args.num_decodes or 1)
         inputs: dict = {}
         for arg in task.args:
             inputs.update(_read_arg(args, arg, inputs))
         runner = load_runner(args)
         result = getattr(runner, name)(**inputs, num_decodes=args.num_decodes, beam_search=args.beam_search)
         request = TaskRequest(name, inputs, args.num_decodes, args.beam_search)
-        return show(request, result, runner.tokenizer, _output_path(args, task.command, task.shows))
+        return show(request, result, runner.tokenizer, output)
 
     return handle
 
@@ -312,7 +353,8 @@ def _task_handler(name: str) -> Callable[[argparse.Namespace], Outcome]:
 def _cmd_run(args: argparse.Namespace) -> Outcome:
     """``uio run``: any prompt, with or without an image, text or image output."""
     _check_model_args(args)
-    _check_output(args.output)
+    output = _output_path(args, "run", "image" if args.image_output else "text")
+    check_output_path(output, args.num_decodes or 1)
     options = _read_arg(args, OPTIONS, {})["answer_options"]
     if options and args.image_output:
         raise UsageError("--options scores text answers; it cannot be combined with --image-output")
@@ -328,7 +370,7 @@ def _cmd_run(args: argparse.Namespace) -> Outcome:
     result = run_requests(runner, [request])[0]
     if isinstance(result, Exception):
         raise result
-    return show(request, result, runner.tokenizer, _output_path(args, RUN, "image" if args.image_output else "text"))
+    return show(request, result, runner.tokenizer, output)
 
 
 def _cmd_demo(args: argparse.Namespace) -> Outcome:
@@ -340,6 +382,20 @@ def _cmd_demo(args: argparse.Namespace) -> Outcome:
     record, lines, _ = describe("demo", "text", result, Context(image), args.num_decodes)
     answer = [f"A: {lines[0]}"] if args.num_decodes is None else lines
     return {**record, "question": DEMO_QUESTION}, [f"Q: {DEMO_QUESTION}", *answer]
+
+
+def _cmd_serve(args: argparse.Namespace) -> Outcome:
+    """``uio serve``: load the model and serve it over HTTP until SIGTERM/SIGINT."""
+    _check_model_args(args)
+    try:
+        from .server import ServerSettings, serve
+    except ImportError as err:
+        raise UsageError(f"uio serve needs the serve extra ({err.name} is not installed): "
+                         "pip install 'unified-io[serve]'") from None
+    settings = ServerSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                              max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20, token=args.token)
+    serve(lambda: load_runner(args), settings)
+    return {"command": "serve", "host": args.host, "port": args.port}, ["uio serve: stopped"]
 
 
 class _Progress(Mapping):
@@ -472,10 +528,15 @@ def _cmd_info(args: argparse.Namespace) -> Outcome:
 
 # ---- the parser ----------------------------------------------------------------------------------
 
-def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """Parent parsers: ``--json`` (every sub-command) and the model options (those that run it)."""
+def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Parent parsers: ``--json`` (every sub-command), the model options with and without the
+    decoding options (commands that run one request, and ``serve``, whose requests choose)."""
     base = argparse.ArgumentParser(add_help=False)
     base.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return base, _model_parser(decoding=True), _model_parser(decoding=False)
+
+
+def _model_parser(decoding: bool) -> argparse.ArgumentParser:
     model = argparse.ArgumentParser(add_help=False)
     group = model.add_argument_group("model options")
     group.add_argument("--model", metavar="SIZE|CONFIG", help="small, base, large, xl or a config JSON "
@@ -485,13 +546,14 @@ def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]
     group.add_argument("--tokenizer", metavar="PATH", help="spiece.model (default: t5-base's, from the cache)")
     group.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     group.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="transformer precision (default fp32)")
-    group.add_argument("--num-decodes", type=_positive_int, metavar="N",
-                       help="return N beams/samples, best first (default: one)")
-    search = group.add_mutually_exclusive_group()
-    search.add_argument("--beam-search", dest="beam_search", action="store_const", const=True,
-                        help="decode with beam search (default for text outputs)")
-    search.add_argument("--sample", dest="beam_search", action="store_const", const=False,
-                        help="decode by top-p sampling (default for image outputs and pose)")
+    if decoding:
+        group.add_argument("--num-decodes", type=_positive_int, metavar="N",
+                           help="return N beams/samples, best first (default: one)")
+        search = group.add_mutually_exclusive_group()
+        search.add_argument("--beam-search", dest="beam_search", action="store_const", const=True,
+                            help="decode with beam search (default for text outputs)")
+        search.add_argument("--sample", dest="beam_search", action="store_const", const=False,
+                            help="decode by top-p sampling (default for image outputs and pose)")
     group.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
     group.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                        help="on the CPU, keep packed copies of the decoder's weights: more memory, faster "
@@ -499,7 +561,7 @@ def _common_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]
     group.add_argument("--stop-at-eos", action="store_true",
                        help="stop decoding text once it has ended: faster short answers, same text, scores "
                             "count only the steps run (default: decode every step, as the original)")
-    return base, model
+    return model
 
 
 def _add_output(parser: argparse.ArgumentParser) -> None:
@@ -507,12 +569,29 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
                         help="image to write (default: <image name>-<command>.png in the current folder)")
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("server options")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    group.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                       help="examples per model call, at most (default 8)")
+    group.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                       help="how long a request waits for others to batch with (default 10)")
+    group.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                       help="requests waiting at most; more are answered 503 (default 64)")
+    group.add_argument("--max-body-mb", type=_positive_int, default=20, metavar="MB",
+                       help="largest request body, in MiB (default 20)")
+    group.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1/ requests "
+                                       "(default: none; set one when listening beyond this machine)")
+    p.set_defaults(handler=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``uio`` parser with every sub-command; each sets ``handler``."""
     parser = _Parser(prog="uio", description="Run Unified-IO from the command line.",
                      epilog="Exit status: 0 ok, 1 failure (checkpoint, download, model), 2 bad usage or input.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    base, model = _common_parsers()
+    base, model, serving = _common_parsers()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, task in TASKS.items():
         p = sub.add_parser(task.command, parents=[base, model], help=task.help, description=task.help + ".")
@@ -534,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[base, model], help=f"answer '{DEMO_QUESTION}' about a bundled picture",
                        description="The original README's example: VQA on a bundled living-room picture.")
     p.set_defaults(handler=_cmd_demo)
+    _add_serve(sub.add_parser("serve", parents=[base, serving], help="serve every task over HTTP, with a web page",
+                              description="Serve every task over HTTP (POST /v1/TASK), with a web page at / "
+                                          "and dynamic batching. Needs the serve extra: pip install "
+                                          "'unified-io[serve]'."))
     p = sub.add_parser("convert", parents=[base], help="convert a checkpoint to .safetensors",
                        description="Validate a checkpoint and write it as .safetensors, with its config "
                                    "as DST.json beside it.")

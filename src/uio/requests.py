@@ -21,9 +21,18 @@ from typing import Any, Callable, Mapping, Sequence
 from PIL import Image
 
 from .results import Context, describe
-from .tasks import TASKS, ModelCall, model_call, require_image, task_result
+from .runner import MAX_OUTPUT_TEXT_LEN
+from . import checks
+from .tasks import OPTIONS, TASKS, Arg, ModelCall, model_call, task_result
 
 RUN = "run"  # the raw-prompt request: any prompt, text or image output
+RUN_ARGS = (Arg("image", "image", help="input image (none for a text-only prompt)", optional=True),
+            Arg("text", "prompt", help="the prompt"),
+            Arg("integer", "text_len", help="output text length (default 32; 1 with image_output)", optional=True),
+            Arg("flag", "image_output", help="generate an image", optional=True),
+            OPTIONS)
+DECODING_ARGS = (Arg("integer", "num_decodes", help="return N beams/samples, best first", optional=True),
+                 Arg("flag", "beam_search", help="beam search (default for text) or sampling", optional=True))
 DEFAULT_MAX_BATCH = 8
 
 
@@ -43,12 +52,16 @@ class TaskRequest:
 
 
 def model_call_of(request: TaskRequest) -> ModelCall:
-    """How ``request`` runs the model; ValueError when its task or inputs are not usable."""
+    """How ``request`` runs the model, its inputs checked as ``run()`` checks them; ValueError or
+    TypeError (naming the input) when its task or inputs are not usable."""
     if request.task == RUN:
-        return _run_call(request)
-    if request.task not in TASKS:
+        call = _run_call(request)
+    elif request.task in TASKS:
+        call = model_call(request.task, request.inputs, request.num_decodes, request.beam_search)
+    else:
         raise ValueError(f"unknown task {request.task!r}: use one of {', '.join([*TASKS, RUN])}")
-    return model_call(request.task, request.inputs, request.num_decodes, request.beam_search)
+    checks.check_run_inputs(**call.run_arguments(), max_output_text_len=MAX_OUTPUT_TEXT_LEN)
+    return call
 
 
 def _run_call(request: TaskRequest) -> ModelCall:
@@ -61,8 +74,8 @@ def _run_call(request: TaskRequest) -> ModelCall:
     if text_len == 1 and not image_output:
         raise ValueError("text_len 1 leaves no room for text; use 2 or more (or image_output)")
     image = inputs.get("image")
-    image = None if image is None else require_image(image, RUN)
-    return ModelCall(image, inputs["prompt"], text_len, image_output, request.beam_search, request.num_decodes,
+    image = None if image is None else checks.check_image(image)
+    return ModelCall(image, checks.check_text(inputs.get("prompt"), "prompt"), text_len, image_output, request.beam_search, request.num_decodes,
                      options, None, image)
 
 
@@ -114,8 +127,8 @@ def run_requests(runner, requests: Sequence[TaskRequest], max_batch: int = DEFAU
     for index, request in enumerate(requests):
         try:
             call = model_call_of(request)
-        except (ValueError, KeyError, TypeError) as err:
-            results[index] = err if not isinstance(err, KeyError) else ValueError(f"missing input {err}")
+        except (ValueError, TypeError) as err:
+            results[index] = err
             continue
         groups.setdefault(_group_key(call, index, runner.stop_at_eos), []).append((index, call))
     for members in groups.values():
@@ -161,3 +174,32 @@ def render(request: TaskRequest, result: dict, tokenizer) -> tuple[dict, dict[st
     """The CLI's ``--json`` record for ``result`` and its image outputs by name (see :func:`describe_request`)."""
     record, _, images = describe_request(request, result, tokenizer)
     return record, images
+
+
+_TYPES = {"image": "image", "text": "string", "box": "box", "options": "list of strings", "integer": "integer",
+          "flag": "boolean"}
+
+
+def task_arguments(task: str) -> tuple[Arg, ...]:
+    """The inputs of ``task`` (a :data:`~uio.tasks.TASKS` name or ``"run"``), then the decoding options."""
+    return (RUN_ARGS if task == RUN else TASKS[task].args) + DECODING_ARGS
+
+
+def _argument(arg: Arg) -> list[dict]:
+    """How ``arg`` is given in a request: name, type, whether required, default, description."""
+    if arg.kind == "masks":
+        return [{"name": arg.keyword, "type": "list of images", "required": True, "default": None, "help": arg.help},
+                {"name": "labels", "type": "list of strings", "required": True, "default": None,
+                 "help": "what each mask shows, in the order of the masks"}]
+    return [{"name": arg.keyword, "type": _TYPES[arg.kind], "required": not arg.optional, "default": None,
+             "help": arg.help or arg.metavar.lower().replace("_", " ")}]
+
+
+def describe_tasks() -> list[dict]:
+    """Every task (and ``run``) with its arguments' names, types and defaults, and how its result shows."""
+    table = [{"name": name, "command": task.command, "help": task.help, "output": task.shows,
+              "arguments": [a for arg in task_arguments(name) for a in _argument(arg)]}
+             for name, task in TASKS.items()]
+    table.append({"name": RUN, "command": RUN, "help": "run any prompt, with or without an image",
+                  "output": "text or image", "arguments": [a for arg in task_arguments(RUN) for a in _argument(arg)]})
+    return table

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import generate, processing
+from . import checks, generate, processing
 from .checkpoint import load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
 from .model import cpu_kernels
@@ -194,35 +194,26 @@ class ModelRunner:
         ``num_decodes`` is None. ``answer_options`` restricts the output to one of the given
         strings (or images), scored by loss (lower is better).
         """
-        self._check_run_args(input_images, input_texts, output_text_len, num_decodes, answer_options, mask_regions)
-        if beam_search is None:
-            beam_search = not generate_image
+        inputs = checks.check_run_inputs(input_images, input_texts, output_text_len, generate_image, beam_search,
+                                         num_decodes, answer_options, mask_regions, average_loss,
+                                         max_output_text_len=MAX_OUTPUT_TEXT_LEN)
+        self._warn_long_texts(inputs)
+        beam_search = not inputs.generate_image if inputs.beam_search is None else inputs.beam_search
         if self.log_inputs:
-            log.info("Running model text_inputs=%s", list(input_texts))
-        enc = self._encode(input_images, input_texts, mask_regions)
-        if answer_options:
-            out = self._answer_options(enc, answer_options, average_loss)
+            log.info("Running model text_inputs=%s", inputs.texts)
+        enc = self._encode(inputs.images, inputs.texts, inputs.mask_regions)
+        if inputs.answer_options:
+            out = self._answer_options(enc, inputs.answer_options, inputs.average_loss)
         else:
-            out = self._generate(enc, output_text_len, generate_image, beam_search, num_decodes or 1)
-        return self._format(out, output_text_len, generate_image, num_decodes)
+            out = self._generate(enc, inputs.output_text_len, inputs.generate_image, beam_search,
+                                 inputs.num_decodes or 1)
+        return self._format(out, inputs.output_text_len, inputs.generate_image, inputs.num_decodes)
 
-    @staticmethod
-    def _check_run_args(images, texts, output_text_len, num_decodes, answer_options, mask_regions) -> None:
-        if answer_options is not None and num_decodes is not None:
-            raise ValueError("num_decodes cannot be combined with answer_options")
-        if not 1 <= output_text_len <= MAX_OUTPUT_TEXT_LEN:
-            raise ValueError(f"output_text_len must be between 1 and {MAX_OUTPUT_TEXT_LEN}, got {output_text_len}")
-        if len(images) != len(texts):
-            raise ValueError(f"got {len(images)} images but {len(texts)} texts")
-        if len(texts) == 0:
-            raise ValueError("run() needs at least one input")
-        if num_decodes is not None and num_decodes < 1:
-            raise ValueError(f"num_decodes must be at least 1, got {num_decodes}")
-        if mask_regions is not None and len(mask_regions) != len(images):
-            raise ValueError(f"got {len(mask_regions)} mask regions for {len(images)} images")
-        for image in images:
-            if image is not None and (np.ndim(image) != 3 or np.shape(image)[-1] != 3):
-                raise ValueError(f"images must be HxWx3 arrays (or None), got shape {np.shape(image)}")
+    def _warn_long_texts(self, inputs: checks.RunInputs) -> None:
+        """Warn about prompts and text options that ``max_input_len`` cuts (they still run, cut)."""
+        checks.warn_long_prompts(self.tokenizer, inputs.texts, self.max_input_len, "input_texts")
+        if inputs.answer_options and isinstance(inputs.answer_options[0], str):
+            checks.warn_long_prompts(self.tokenizer, inputs.answer_options, self.max_input_len, "answer_options")
 
     def _encode(self, images, texts, mask_regions) -> generate.EncoderOutput:
         tokens = self.tokenizer(list(texts), max_length=self.max_input_len, truncation=True,
@@ -268,7 +259,7 @@ class ModelRunner:
             options = torch.from_numpy(options).long().to(self.device)
             losses = generate.score_text_options(self.model, enc, options, self.max_options, average_loss)
             key = "text_tokens"
-        elif isinstance(answer_options[0], np.ndarray):
+        else:  # images (checks.check_answer_options allows no third kind)
             prepared = [processing.preprocess_target_image(option) for option in answer_options]
             images = torch.from_numpy(np.stack([p[0] for p in prepared]).astype(np.float32)).to(self.device)
             masks = torch.from_numpy(np.stack([p[1] for p in prepared])).long().to(self.device)
@@ -276,8 +267,6 @@ class ModelRunner:
                 codes = self.model.discrete_vae.encode_to_codes(images)
             losses = generate.score_image_options(self.model, enc, codes, masks, self.max_options, average_loss)
             key, options = "image", to_unit_range(images)
-        else:
-            raise ValueError("answer_options must be a list of strings or a list of HxWx3 image arrays")
         best = losses.argmin(dim=1)
         return {key: options[best][:, None], "scores": losses.gather(1, best[:, None]), "all_scores": losses[:, None]}
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from . import checks
+
 # uio.processing (and with it torch) is imported where used: the CLI reads this table for --help.
 
 log = logging.getLogger(__name__)
@@ -46,20 +48,23 @@ class Arg:
     """One input of a task.
 
     ``kind`` says what it is: ``image`` (an image), ``text`` (one string), ``box`` (X1 Y1 X2 Y2
-    pixels of the image), ``options`` (answers to choose from, optional) or ``masks`` (mask
-    images and their ``labels``). ``keyword`` is the :class:`~uio.runner.ModelRunner` method's
-    parameter it fills; ``metavar`` and ``help`` describe it on the command line.
+    pixels of the image), ``options`` (answers to choose from), ``masks`` (mask images and their
+    ``labels``), ``integer`` or ``flag`` (true/false). ``keyword`` is the
+    :class:`~uio.runner.ModelRunner` method's parameter it fills; ``metavar`` and ``help``
+    describe it on the command line; an ``optional`` one may be left out (None).
     """
 
     kind: str
     keyword: str
     metavar: str = ""
     help: str = ""
+    optional: bool = False
 
 
 IMAGE = Arg("image", "image", "IMAGE", "input image file")
 BOX = Arg("box", "location", help="the region, in pixels of IMAGE")
-OPTIONS = Arg("options", "answer_options", help="comma-separated answers to choose from (scored by loss)")
+OPTIONS = Arg("options", "answer_options", help="comma-separated answers to choose from (scored by loss)",
+              optional=True)
 MASKS = Arg("masks", "binary_masks", "MASK", "mask images (white = the region)")
 
 
@@ -151,29 +156,23 @@ class ModelCall:
                 "mask_regions": None if self.mask_region is None else [self.mask_region]}
 
 
-def require_image(image: Any, task: str) -> np.ndarray:
-    """``image`` as an array if it is HxWx3, else a ValueError naming ``task``."""
-    if image is None or np.ndim(image) != 3 or np.shape(image)[-1] != 3:
-        raise ValueError(f"{task} needs an HxWx3 image array, got {None if image is None else np.shape(image)}")
-    return np.asarray(image)
-
-
 def model_call(name: str, inputs: Mapping[str, Any], num_decodes: int | None = None,
                beam_search: bool | None = None) -> ModelCall:
     """How task ``name`` runs the model on ``inputs`` (its method's keyword arguments)."""
     task = TASKS[name]
     kinds = {arg.kind: arg for arg in task.args}
-    image = require_image(inputs.get("image"), name) if "image" in kinds else None
-    text = inputs[kinds["text"].keyword] if "text" in kinds else None
-    location = inputs["location"] if "box" in kinds else None
-    if location is not None:
-        text = region_text(location, image, text)
+    image = checks.check_image(inputs.get("image")) if "image" in kinds else None
+    text = checks.check_text(inputs.get(kinds["text"].keyword), kinds["text"].keyword) if "text" in kinds else None
+    box = checks.check_box(inputs.get("location"), image) if "box" in kinds else None
+    if box is not None:
+        text = region_text(box, image, text)
     if "masks" in kinds:
-        image, text = segmentation_input(inputs["binary_masks"], inputs["labels"])
+        image, text = segmentation_input(checks.check_masks(inputs.get("binary_masks")),
+                                         checks.check_texts(inputs.get("labels"), "labels"))
     return ModelCall(image, build_prompt(task, text), task.output_text_len, task.generate_image,
                      task.beam_search if beam_search is None else beam_search, num_decodes,
                      inputs.get("answer_options") if "options" in kinds else None,
-                     np.asarray(location) if task.hides_box else None, image)
+                     box if task.hides_box else None, image)
 
 
 def region_text(location: Sequence[float], image: np.ndarray, extra: str | None = None) -> str:
