@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uio import cli, cli_batch
+from uio import cli
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
 
-from uio.ray_jobs import UIOPredictor  # noqa: E402  (needs Ray)
-
 from test_batch import QUESTION, read_results, scores, without_scores, write_jsonl  # noqa: E402
+
+from uio.ray_jobs import UIOPredictor  # noqa: E402  (needs Ray)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_resumed_ray_job_skips_done_ids(capsys, local_ray, job, local_results, t
         record = json.loads(line)
         if "output" in record:
             Path(record["output"]).replace(tmp_path / "results-images" / Path(record["output"]).name)
-    code = cli.main(["batch", str(job), "-o", str(output), "--draw", "--ray", *model_args])
+    assert cli.main(["batch", str(job), "-o", str(output), "--draw", "--ray", *model_args]) == 1
     out, _ = capsys.readouterr()
     assert f"{5 - len(done)} done now, {len(done)} done before" in out
     assert output.read_text().startswith("".join(done))

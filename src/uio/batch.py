@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -32,8 +31,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from PIL import Image
 
-from .requests import RUN, TaskRequest, render, run_requests
-from .tasks import TASKS
+from .images import read_image, read_mask
+from .requests import RUN, TaskRequest, render, run_requests, task_arguments
+from .tasks import TASKS, Arg
 
 DEFAULT_BATCH_SIZE = 8
 READ_THREADS = 2
@@ -43,11 +43,6 @@ BATCHES_PER_CHUNK = 4
 READ_AHEAD_CHUNKS = 2
 TEMPORARY_PREFIX = ".uio-"
 TEMPORARY_SUFFIX = ".png.tmp"
-# The inputs of a "run" request, by kind (the tasks' inputs are in uio.tasks.TASKS).
-RUN_FIELDS = {"image": "image", "prompt": "text", "text_len": "count", "image_output": "flag",
-              "answer_options": "options"}
-RUN_FIELDS_REQUIRED = ("prompt",)
-OPTIONAL_KINDS = ("options", "count", "flag")
 REQUEST_OPTIONS = ("num_decodes", "beam_search")
 
 
@@ -158,123 +153,53 @@ def check_unique_ids(items: Iterable[Item]) -> None:
 
 # ---- turning fields into a task request ------------------------------------------------------
 
-def _open_image(path: Path, mode: str):  # until uio.images lands (the inputs branch)
-    import numpy as np
-
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert(mode))
-    except (OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from None
-
-
-def read_image(path: Path):
-    """An image file as an HxWx3 uint8 array; ValueError naming the file when it cannot be read."""
-    return _open_image(path, "RGB")
-
-
-def read_mask(path: Path):
-    """A mask image as an HxW bool array; ValueError naming the file when it cannot be read."""
-    array = _open_image(path, "L")
-    return array > array.max() / 2
-
-
-def field_kinds(task: str) -> dict[str, str]:
-    """The fields a request of ``task`` takes, by kind (``image``, ``text``, ``box``, ``options``,
-    ``masks``, ``labels``; ``count`` and ``flag`` for ``run``)."""
-    if task == RUN:
-        return dict(RUN_FIELDS)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: use one of {', '.join([*TASKS, RUN])}")
-    kinds = {arg.keyword: arg.kind for arg in TASKS[task].args}
-    if "binary_masks" in kinds:
-        kinds["labels"] = "labels"
-    return kinds
-
-
-def _resolve(value: Any, base_dir: Path, name: str) -> Path:
+def _path(value: Any, base_dir: Path, name: str) -> Path:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a file path (a string), got {value!r}")
+        raise TypeError(f"{name} must be a file path (a string), got {value!r}")
     return base_dir / value  # an absolute value stays absolute
 
 
-def _strings(value: Any, name: str) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {value!r}")
-    return value
-
-
-def _box(value: Any) -> list[float]:
-    if (not isinstance(value, list) or len(value) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
-        raise ValueError(f"location must be a list of four pixel coordinates [x1, y1, x2, y2], got {value!r}")
-    return [float(v) for v in value]
-
-
-def _count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def _read_field(kind: str, name: str, value: Any, base_dir: Path) -> Any:
-    """One request field read and checked: images and masks loaded, the rest type-checked."""
-    if kind == "image":
-        return None if value is None else read_image(_resolve(value, base_dir, name))
-    if kind == "masks":
+def _read_files(arg: Arg, value: Any, base_dir: Path) -> Any:
+    """An image field's file read (a path -> HxWx3 array), a masks field's files (-> HxW bool arrays)."""
+    if arg.kind == "image":
+        return None if value is None else read_image(_path(value, base_dir, arg.keyword), value)
+    if arg.kind == "masks":
         if not isinstance(value, list) or not value:
-            raise ValueError(f"{name} must be a non-empty list of mask image paths, got {value!r}")
-        return [read_mask(_resolve(v, base_dir, name)) for v in value]
-    if kind == "text":
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
-        return value
-    if kind == "box":
-        return _box(value)
-    if kind in ("options", "labels"):
-        return _strings(value, name)
-    if kind == "count":
-        return _count(value, name)
-    return _flag(value, name)
+            raise TypeError(f"{arg.keyword} must be a non-empty list of mask image paths, got {value!r}")
+        return [read_mask(_path(v, base_dir, arg.keyword), v) for v in value]
+    return value  # checked with the request (uio.checks)
 
 
-def _options(fields: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
-    """``num_decodes`` and ``beam_search`` of a request (its own, else the job's)."""
-    options = {**defaults, **{key: fields[key] for key in REQUEST_OPTIONS if key in fields}}
-    num_decodes, beam_search = options.get("num_decodes"), options.get("beam_search")
-    return {"num_decodes": None if num_decodes is None else _count(num_decodes, "num_decodes"),
-            "beam_search": None if beam_search is None else _flag(beam_search, "beam_search")}
+def task_fields(task: Any) -> dict[str, Arg]:
+    """The fields a request of ``task`` takes (:func:`uio.requests.task_arguments`), by name."""
+    if task not in [*TASKS, RUN]:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join([*TASKS, RUN])}" if isinstance(task, str)
+                         else f"missing \"task\": use one of {', '.join([*TASKS, RUN])}")
+    fields = {arg.keyword: arg for arg in task_arguments(task)}
+    if "binary_masks" in fields:
+        fields["labels"] = Arg("labels", "labels")
+    return fields
 
 
 def to_request(fields: Mapping[str, Any], base_dir: Path, defaults: Mapping[str, Any] | None = None) -> TaskRequest:
     """The :class:`~uio.requests.TaskRequest` a request's fields describe, its files read.
 
     Paths resolve relative to ``base_dir``; ``defaults`` gives ``num_decodes``/``beam_search``
-    where the fields do not. ValueError (naming the field) for anything unusable.
+    where the fields do not. ValueError or TypeError (naming the field) for missing or unknown
+    fields and unreadable files; the values themselves are checked when the request runs.
     """
-    task = fields.get("task")
-    if not isinstance(task, str):
-        raise ValueError(f"missing \"task\": use one of {', '.join([*TASKS, RUN])}")
-    kinds = field_kinds(task)
-    given = {key: value for key, value in fields.items() if key not in ("id", "task", *REQUEST_OPTIONS)}
-    unknown = sorted(set(given) - set(kinds))
+    known = task_fields(fields.get("task"))
+    given = {key: value for key, value in fields.items() if key not in ("id", "task")}
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ValueError(f"{task} takes no {', '.join(map(repr, unknown))}; its fields are "
-                         f"{', '.join([*kinds, *REQUEST_OPTIONS])}")
-    required = RUN_FIELDS_REQUIRED if task == RUN else [k for k, kind in kinds.items() if kind not in OPTIONAL_KINDS]
-    missing = [key for key in required if key not in given]
+        raise ValueError(f"{fields['task']} takes no {', '.join(map(repr, unknown))}; its fields are "
+                         f"{', '.join(known)}")
+    missing = [key for key, arg in known.items() if not arg.optional and key not in given]
     if missing:
-        raise ValueError(f"{task} needs {', '.join(map(repr, missing))}")
-    inputs = {key: _read_field(kinds[key], key, value, base_dir) for key, value in given.items()}
-    return TaskRequest(task, inputs, **_options(fields, defaults or {}))
+        raise ValueError(f"{fields['task']} needs {', '.join(map(repr, missing))}")
+    options = {**(defaults or {}), **{key: given.pop(key) for key in REQUEST_OPTIONS if key in given}}
+    inputs = {key: _read_files(known[key], value, base_dir) for key, value in given.items()}
+    return TaskRequest(fields["task"], inputs, options.get("num_decodes"), options.get("beam_search"))
 
 
 def prepare(item: Item, base_dir: Path, defaults: Mapping[str, Any] | None = None) -> TaskRequest:
@@ -367,9 +292,10 @@ class ResultsFile:
 
 
 def error_message(err: BaseException) -> str:
-    """An item's error as one line: ValueError messages as they are, others with their type."""
+    """An item's error as one line: bad input (ValueError, TypeError) as its message says, others
+    with their type."""
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
+    return text if isinstance(err, (ValueError, TypeError)) else f"{type(err).__name__}: {text}"
 
 
 def result_record(item_id: str | int, request: TaskRequest, result: dict, tokenizer, images_dir: Path,

@@ -8,19 +8,48 @@ import argparse
 from pathlib import Path
 
 from . import batch
-from .cli import (EXIT_FAILED, EXIT_OK, UsageError, _check_model_args, _comma_list, _coordinate, _positive_int,
-                  load_runner, runner_options)
-from .requests import RUN
-from .tasks import TASKS
+from .cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    _check_model_args,
+    _comma_list,
+    _coordinate,
+    _positive_int,
+    load_runner,
+    runner_options,
+)
+from .requests import DECODING_ARGS, RUN, task_arguments
+from .tasks import TASKS, Arg
 
-# Folder jobs take their task's arguments as options: each text argument of the task table as
-# --<its keyword>, and these.
-FOLDER_OPTIONS = {"location": "box", "answer_options": "options", "prompt": "text", "text_len": "count",
-                  "image_output": "flag"}
+FILE_KINDS = ("image", "masks")  # given by the folder's images; masks only in JSONL files
 
 
-def _text_keywords() -> list[str]:
-    return sorted({arg.keyword for task in TASKS.values() for arg in task.args if arg.kind == "text"})
+def folder_arguments() -> dict[str, Arg]:
+    """Every task argument a folder job can take as an option (``--<keyword>``; ``--box``, ``--options``),
+    by keyword: those of the task table, less files and the decoding options (model options here)."""
+    decoding = {arg.keyword for arg in DECODING_ARGS}
+    return {arg.keyword: arg for task in [*TASKS, RUN] for arg in task_arguments(task)
+            if arg.kind not in FILE_KINDS and arg.keyword not in decoding}
+
+
+def _option_name(arg: Arg) -> str:
+    return {"box": "--box", "options": "--options"}.get(arg.kind, f"--{arg.keyword.replace('_', '-')}")
+
+
+def _add_folder_option(group, arg: Arg) -> None:
+    name, help_text = _option_name(arg), arg.help or None
+    if arg.kind == "box":
+        group.add_argument(name, dest=arg.keyword, nargs=4, type=_coordinate, metavar=("X1", "Y1", "X2", "Y2"),
+                           help="the region, in pixels of every image")
+    elif arg.kind == "options":
+        group.add_argument(name, dest=arg.keyword, type=_comma_list, metavar="A,B,...", help=help_text)
+    elif arg.kind == "integer":
+        group.add_argument(name, dest=arg.keyword, type=_positive_int, metavar="N", help=help_text)
+    elif arg.kind == "flag":
+        group.add_argument(name, dest=arg.keyword, action="store_const", const=True, help=help_text)
+    else:
+        group.add_argument(name, dest=arg.keyword, metavar=arg.metavar or "TEXT", help=help_text)
 
 
 def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -43,14 +72,8 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     folder = p.add_argument_group("folder inputs: the task and its arguments")
     folder.add_argument("--task", choices=[*TASKS, RUN], metavar="TASK",
                         help=f"one of {', '.join([*TASKS, RUN])}")
-    for keyword in _text_keywords() + ["prompt"]:
-        folder.add_argument(f"--{keyword.replace('_', '-')}", dest=keyword, metavar="TEXT")
-    folder.add_argument("--box", dest="location", nargs=4, type=_coordinate, metavar=("X1", "Y1", "X2", "Y2"),
-                        help="the region, in pixels of every image")
-    folder.add_argument("--options", dest="answer_options", type=_comma_list, metavar="A,B,...",
-                        help="answers to choose from")
-    folder.add_argument("--text-len", type=_positive_int, metavar="N", help="run: output text length")
-    folder.add_argument("--image-output", action="store_true", default=None, help="run: generate an image")
+    for arg in folder_arguments().values():
+        _add_folder_option(folder, arg)
     ray = p.add_argument_group("Ray (pip install \".[ray]\")")
     ray.add_argument("--ray", action="store_true", help="run the job as a Ray Data pipeline")
     ray.add_argument("--address", metavar="ADDR",
@@ -65,25 +88,24 @@ def _folder_fields(args: argparse.Namespace) -> dict:
     """The fields every request of a folder job shares: the task and the task options given."""
     if args.task is None:
         raise UsageError(f"{args.input} is a folder: give --task (one of {', '.join([*TASKS, RUN])})")
-    kinds = batch.field_kinds(args.task)
-    if kinds.get("image") != "image":
+    known = batch.task_fields(args.task)
+    if "image" not in known:
         raise UsageError(f"{args.task} takes no input image; give its requests in a JSONL file")
     fields = {"task": args.task}
-    for keyword in [*_text_keywords(), *FOLDER_OPTIONS]:
-        value = getattr(args, keyword)
-        if value is None:
+    for keyword, arg in folder_arguments().items():
+        if getattr(args, keyword) is None:
             continue
-        if keyword not in kinds:
-            raise UsageError(f"--{keyword.replace('_', '-')} is not an argument of {args.task}")
-        fields[keyword] = value
+        if keyword not in known:
+            raise UsageError(f"{_option_name(arg)} is not an argument of {args.task}")
+        fields[keyword] = getattr(args, keyword)
     return fields
 
 
 def _check_no_folder_options(args: argparse.Namespace) -> None:
-    given = [keyword for keyword in ["task", *_text_keywords(), *FOLDER_OPTIONS] if getattr(args, keyword) is not None]
-    if given:
-        raise UsageError(f"--{given[0].replace('_', '-')} is for folder inputs; a JSONL file gives each request's "
-                         "task and arguments on its line")
+    given = [arg for keyword, arg in folder_arguments().items() if getattr(args, keyword) is not None]
+    if args.task is not None or given:
+        raise UsageError(f"{_option_name(given[0]) if given else '--task'} is for folder inputs; a JSONL file gives "
+                         "each request's task and arguments on its line")
 
 
 def read_inputs(args: argparse.Namespace, output: Path, images_dir: Path) -> batch.Inputs:
