@@ -394,7 +394,10 @@ def _cmd_serve(args: argparse.Namespace) -> Outcome:
                          "pip install 'unified-io[serve]'") from None
     settings = ServerSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                               max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20, token=args.token)
-    serve(lambda: load_runner(args), settings)
+    if args.ray:
+        _serve_on_ray(args, settings)
+    else:
+        serve(lambda: load_runner(args), settings)
     return {"command": "serve", "host": args.host, "port": args.port}, ["uio serve: stopped"]
 
 
@@ -569,6 +572,15 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
                         help="image to write (default: <image name>-<command>.png in the current folder)")
 
 
+def _serve_on_ray(args: argparse.Namespace, settings) -> None:
+    try:
+        from . import ray_serve
+    except ImportError as err:
+        raise UsageError(f"uio serve --ray needs the ray extra ({err.name} is not installed): "
+                         "pip install 'unified-io[serve,ray]'") from None
+    ray_serve.run(runner_options(args), settings, args.address, args.replicas, args.gpus_per_replica)
+
+
 def _add_serve(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("server options")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -583,6 +595,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                        help="largest request body, in MiB (default 20)")
     group.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1/ requests "
                                        "(default: none; set one when listening beyond this machine)")
+    from .cli_batch import add_ray_options
+
+    add_ray_options(p, "serve the app on Ray Serve, each replica with its own model")
     p.set_defaults(handler=_cmd_serve)
 
 

@@ -74,14 +74,19 @@ def add_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                         help=f"one of {', '.join([*TASKS, RUN])}")
     for arg in folder_arguments().values():
         _add_folder_option(folder, arg)
+    add_ray_options(p, "run the job as a Ray Data pipeline")
+    p.set_defaults(handler=handle)
+
+
+def add_ray_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray`` and its options (``uio batch`` and ``uio serve``)."""
     ray = p.add_argument_group("Ray (pip install \".[ray]\")")
-    ray.add_argument("--ray", action="store_true", help="run the job as a Ray Data pipeline")
+    ray.add_argument("--ray", action="store_true", help=what)
     ray.add_argument("--address", metavar="ADDR",
                      help="Ray cluster to join (auto: the local machine's; default: RAY_ADDRESS, else a new local Ray)")
     ray.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="model copies (default 1)")
     ray.add_argument("--gpus-per-replica", type=float, metavar="G",
                      help="GPUs each copy holds (default: 1 with --device cuda, else 0)")
-    p.set_defaults(handler=handle)
 
 
 def _folder_fields(args: argparse.Namespace) -> dict:

@@ -111,17 +111,22 @@ def connect(address: str | None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # uio batch shows its own
 
 
+def placement(runner_options: Mapping[str, Any], gpus_per_replica: float | None) -> tuple[dict, float]:
+    """A replica's runner options and GPUs: 1 GPU by default where the device is CUDA, and the
+    device CUDA by default where GPUs are asked for."""
+    device = str(runner_options.get("device") or "")
+    gpus = gpus_per_replica if gpus_per_replica is not None else 1 if device.startswith("cuda") else 0
+    return {**runner_options, "device": device or ("cuda" if gpus else "cpu")}, gpus
+
+
 class RayExecutor:
     """Runs a job's items as a Ray Data pipeline of ``replicas`` :class:`UIOPredictor` actors
     with ``gpus_per_replica`` GPUs each (default: 1 when ``runner_options`` asks for CUDA)."""
 
     def __init__(self, runner_options: Mapping[str, Any], address: str | None = None, replicas: int = 1,
                  gpus_per_replica: float | None = None):
-        device = str(runner_options.get("device") or "")
-        if gpus_per_replica is None:
-            gpus_per_replica = 1 if device.startswith("cuda") else 0
-        self.runner_options = {**runner_options, "device": device or ("cuda" if gpus_per_replica else "cpu")}
-        self.address, self.replicas, self.gpus = address, replicas, gpus_per_replica
+        self.runner_options, self.gpus = placement(runner_options, gpus_per_replica)
+        self.address, self.replicas = address, replicas
 
     def __call__(self, todo: list[batch.Item], base_dir: Path, recorder: batch.Recorder,
                  options: batch.JobOptions) -> int:
