@@ -21,18 +21,6 @@ from uio.runner import ModelRunner
 QUESTION = "What color is the sofa?"
 
 
-@pytest.fixture(scope="module")
-def model_args(conformance) -> list[str]:
-    return ["--model", str(conformance / "tiny" / "config.json"), "--weights", str(conformance / "tiny" / "tiny.bin"),
-            "--tokenizer", str(conformance / "tokenizer" / "spiece.model"), "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_runner(conformance) -> ModelRunner:
-    return ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
-                       tokenizer=conformance / "tokenizer" / "spiece.model", device="cpu", log_inputs=False)
-
-
 @pytest.fixture()
 def preloaded(monkeypatch, tiny_runner) -> None:
     """Jobs get the module's tiny runner instead of loading the checkpoint again."""

@@ -26,12 +26,6 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def model_args(conformance) -> list[str]:
-    return ["--model", str(conformance / "tiny" / "config.json"), "--weights", str(conformance / "tiny" / "tiny.bin"),
-            "--tokenizer", str(conformance / "tokenizer" / "spiece.model"), "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
 def job(tmp_path_factory, test_image) -> Path:
     """A JSONL job of a few requests (text answers and drawn boxes) with its images."""
     folder = tmp_path_factory.mktemp("ray-job")
@@ -86,21 +80,19 @@ def test_resumed_ray_job_skips_done_ids(capsys, local_ray, job, local_results, t
         record = json.loads(line)
         if "output" in record:
             Path(record["output"]).replace(tmp_path / "results-images" / Path(record["output"]).name)
-    assert cli.main(["batch", str(job), "-o", str(output), "--draw", "--ray", *model_args]) == 1
-    out, _ = capsys.readouterr()
-    assert f"{5 - len(done)} done now, {len(done)} done before" in out
+    assert cli.main(["batch", str(job), "-o", str(output), "--draw", "--ray", "--json", *model_args]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert not any("error" in json.loads(line) for line in done)
+    assert summary["skipped"] == len(done) and summary["succeeded"] + summary["failed"] == 5 - len(done)
     assert output.read_text().startswith("".join(done))
     assert len(output.read_text().splitlines()) == 5
 
 
-def test_uio_predictor_in_a_pipeline_of_ones_own(local_ray, job, local_results, conformance):
+def test_uio_predictor_in_a_pipeline_of_ones_own(local_ray, job, local_results, tiny_runner_options):
     lines = [json.loads(line) for line in job.read_text().splitlines()]
     lines = [line for line in lines if line["task"] == "caption"]  # one schema: read_json's columns
     dataset = ray.data.from_items([{**line, "id": str(line["id"])} for line in lines])
-    runner_options = {"size": str(conformance / "tiny" / "config.json"),
-                      "weights": str(conformance / "tiny" / "tiny.bin"),
-                      "tokenizer": str(conformance / "tokenizer" / "spiece.model"), "device": "cpu"}
-    out = dataset.map_batches(UIOPredictor, fn_constructor_kwargs={"runner_options": runner_options,
+    out = dataset.map_batches(UIOPredictor, fn_constructor_kwargs={"runner_options": tiny_runner_options,
                                                                    "base_dir": str(job.parent)},
                               concurrency=1, batch_size=4)
     rows = {row["id"]: row for row in out.take_all()}

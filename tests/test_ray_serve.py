@@ -41,20 +41,14 @@ def _get(url: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def runner_options(conformance) -> dict:
-    return {"size": str(conformance / "tiny" / "config.json"), "weights": str(conformance / "tiny" / "tiny.bin"),
-            "tokenizer": str(conformance / "tokenizer" / "spiece.model"), "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def server_url(runner_options):
+def server_url(tiny_runner_options):
     """Two replicas of the server app on a local Ray, served on 127.0.0.1; stopped after the module."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = ServerSettings(max_batch=4, max_wait_ms=300)
-        serve.run(ray_serve.deployment(runner_options, 0, settings, replicas=2), name="uio", route_prefix="/")
+        serve.run(ray_serve.deployment(tiny_runner_options, 0, settings, replicas=2), name="uio", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         deadline, ready_in_a_row = time.monotonic() + READY_TIMEOUT_S, 0
         while ready_in_a_row < 8 and time.monotonic() < deadline:  # requests spread over both replicas
@@ -74,7 +68,7 @@ def _vqa(url: str, image_bytes: bytes, question: str) -> dict:
         return json.loads(answer.read())
 
 
-def test_two_replicas_answer_concurrent_requests(server_url, runner_options, test_image):
+def test_two_replicas_answer_concurrent_requests(server_url, tiny_runner_options, test_image):
     buffer = io.BytesIO()
     Image.fromarray(test_image).save(buffer, format="PNG")
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
@@ -82,6 +76,6 @@ def test_two_replicas_answer_concurrent_requests(server_url, runner_options, tes
     replicas = serve.status().applications["uio"].deployments["uio"].replica_states
     assert replicas.get("RUNNING") == 2
     assert max(answer["batch_size"] for answer in answers) > 1  # @serve.batch grouped requests
-    runner = ModelRunner.from_pretrained(**runner_options, log_inputs=False)
+    runner = ModelRunner.from_pretrained(**tiny_runner_options)
     for question, answer in zip(QUESTIONS, answers):
         assert answer["text"] == runner.vqa(test_image, question)["text"], question

@@ -108,7 +108,8 @@ def connect(address: str | None) -> None:
     None and ``RAY_ADDRESS`` is unset; nothing when this process is already connected."""
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # uio batch shows its own
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = False  # uio batch shows its own progress
 
 
 def placement(runner_options: Mapping[str, Any], gpus_per_replica: float | None) -> tuple[dict, float]:
