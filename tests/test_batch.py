@@ -404,3 +404,9 @@ def test_image_names_are_safe_and_distinct():
         assert len(stem) <= 100 and not stem.startswith((".", "-"))
         assert all(c.isascii() and (c.isalnum() or c in "._-") for c in stem)
     assert batch.image_stem("photos/cat 1.jpg").startswith("photos_cat_1.jpg-")
+
+
+def test_the_core_does_not_import_ray():
+    code = ("import sys, uio.batch, uio.cli, uio.cli_batch; uio.cli.build_parser(); "
+            "assert not any(name == 'ray' or name.startswith('ray.') for name in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

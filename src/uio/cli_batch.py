@@ -134,8 +134,11 @@ def handle(args: argparse.Namespace):
     try:
         inputs = read_inputs(args, output, images_dir)
         if args.ray:
-            from . import ray_jobs
-
+            try:
+                from . import ray_jobs
+            except ImportError as err:
+                raise UsageError(f"--ray needs the ray extra ({err.name} is not installed): "
+                                 "pip install 'unified-io[ray]'") from None
             execute = ray_jobs.RayExecutor(runner_options(args), args.address, args.replicas, args.gpus_per_replica)
         else:
             execute = batch.LocalExecutor(lambda: load_runner(args))
