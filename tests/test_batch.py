@@ -190,7 +190,7 @@ def test_boxes_and_keypoints_are_drawn_only_with_draw(capsys, preloaded, tmp_pat
     assert code == 0, err
     record = read_results(tmp_path / "r.jsonl")["refexp"]
     assert "boxes" in record and "output" not in record
-    assert not any((tmp_path / "r-images").iterdir())
+    assert not (tmp_path / "r-images").exists()
 
 
 # ---- folders ----------------------------------------------------------------------------------

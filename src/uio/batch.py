@@ -238,7 +238,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def remove_temporary_images(folder: Path) -> None:
-    """Delete the temporary image files a killed job left in ``folder``."""
+    """Delete the temporary image files a killed job left in ``folder`` (if it exists)."""
     for path in folder.glob(f"{TEMPORARY_PREFIX}*{TEMPORARY_SUFFIX}"):
         path.unlink(missing_ok=True)
 
@@ -425,6 +425,8 @@ class Recorder:
         self.succeeded = self.failed = 0
 
     def add(self, item: Item, record: dict, files: Mapping[str, bytes]) -> None:
+        if files:
+            self.images_dir.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             write_atomically(self.images_dir / name, data)
         self.results.write(record)
@@ -501,7 +503,6 @@ def run_job(inputs: Inputs, options: JobOptions, execute: Callable[..., int]) ->
 
 def _execute(execute: Callable[..., int], todo: list[Item], base_dir: Path, results: ResultsFile,
              options: JobOptions, summary: Summary) -> None:
-    options.images_dir.mkdir(parents=True, exist_ok=True)
     remove_temporary_images(options.images_dir)
     recorder = Recorder(results, options.images_dir, _Progress(summary.total, summary.skipped, options.quiet))
     handled = 0
