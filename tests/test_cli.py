@@ -332,3 +332,12 @@ def test_runner_options_reach_the_runner(model_args, image_path):
     by_default = packed_matmul_supported(torch.float32) and not cpu_kernels.in_use(torch.float32)
     assert bool(cli.load_runner(parse()).model.packed_weights()) == by_default
     assert cli.load_runner(parse("--stop-at-eos")).stop_at_eos and not cli.load_runner(parse()).stop_at_eos
+
+
+def test_serve_without_the_extra_says_how_to_install_it(capsys, monkeypatch, model_args):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    for name in [name for name in sys.modules if name.startswith("uio.server")]:
+        monkeypatch.delitem(sys.modules, name)
+    code, out, err = run_cli(capsys, "serve", *model_args)
+    assert code == 2 and out == ""
+    assert "needs the serve extra (fastapi is not installed): pip install 'unified-io[serve]'" in err
