@@ -116,7 +116,9 @@ def _fields(task: str) -> dict:
               "answer_options": ["cat", "dog", "bus"], "labels": ["sky", "grass"], "prompt": "what is this ?",
               "text_len": 6}
     names = {arg.keyword for arg in TASKS[task].args} if task != RUN else {"prompt", "text_len"}
-    return {key: value for key, value in fields.items() if key in names or (key == "labels" and "binary_masks" in names)}
+    if "binary_masks" in names:
+        names.add("labels")
+    return {key: value for key, value in fields.items() if key in names}
 
 
 def _takes_image(task: str) -> bool:

@@ -583,7 +583,8 @@ def _serve_on_ray(args: argparse.Namespace, settings) -> None:
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("server options")
-    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
     group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     group.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
                        help="examples per model call, at most (default 8)")

@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
+from . import checks
 from .results import Context, describe
 from .runner import MAX_OUTPUT_TEXT_LEN
-from . import checks
 from .tasks import OPTIONS, TASKS, Arg, ModelCall, model_call, task_result
 
 RUN = "run"  # the raw-prompt request: any prompt, text or image output
@@ -75,8 +75,9 @@ def _run_call(request: TaskRequest) -> ModelCall:
         raise ValueError("text_len 1 leaves no room for text; use 2 or more (or image_output)")
     image = inputs.get("image")
     image = None if image is None else checks.check_image(image)
-    return ModelCall(image, checks.check_text(inputs.get("prompt"), "prompt"), text_len, image_output, request.beam_search, request.num_decodes,
-                     options, None, image)
+    prompt = checks.check_text(inputs.get("prompt"), "prompt")
+    return ModelCall(image, prompt, text_len, image_output, request.beam_search, request.num_decodes, options,
+                     None, image)
 
 
 def _result(request: TaskRequest, call: ModelCall, out: dict, tokenizer) -> dict:

@@ -59,7 +59,8 @@ def _show_text(decode: dict, ctx: Context) -> Shown:
 
 def _show_image(decode: dict, ctx: Context) -> Shown:
     text = decode.get("text")
-    return ({"text": text}, [text], draw.to_pil(decode["image"])) if text else ({}, [], draw.to_pil(decode["image"]))
+    record, lines = ({"text": text}, [text]) if text else ({}, [])
+    return record, lines, draw.to_pil(decode["image"])
 
 
 def _rescaled(decode: dict, ctx: Context) -> np.ndarray:

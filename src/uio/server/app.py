@@ -179,8 +179,8 @@ def create_app(load_runner: Callable[[], Any], settings: ServerSettings = Server
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
         detail = "no such endpoint; GET /v1/tasks lists the tasks" if err.status_code == 404 else str(err.detail)
-        return _error(err.status_code, {404: "not found", 405: "method not allowed"}.get(err.status_code, "bad request"),
-                      detail, getattr(err, "headers", None))
+        error = {404: "not found", 405: "method not allowed"}.get(err.status_code, "bad request")
+        return _error(err.status_code, error, detail, getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
