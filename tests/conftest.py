@@ -65,3 +65,26 @@ def tiny_model(conformance):
 
     torch.manual_seed(0)
     return build_model(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin")
+
+
+
+@pytest.fixture(scope="session")
+def tiny_runner_options(conformance) -> dict:
+    """``ModelRunner.from_pretrained`` arguments for the tiny checkpoint on the CPU."""
+    return {"size": str(conformance / "tiny" / "config.json"), "weights": str(conformance / "tiny" / "tiny.bin"),
+            "tokenizer": str(conformance / "tokenizer" / "spiece.model"), "device": "cpu", "log_inputs": False}
+
+
+@pytest.fixture(scope="module")
+def model_args(tiny_runner_options) -> list[str]:
+    """CLI options selecting the tiny checkpoint, the synthetic vocabulary and the CPU."""
+    return [arg for key in ("model", "weights", "tokenizer", "device")
+            for arg in (f"--{key}", tiny_runner_options["size" if key == "model" else key])]
+
+
+@pytest.fixture(scope="module")
+def tiny_runner(tiny_runner_options):
+    """A ModelRunner of the tiny checkpoint (one per test module)."""
+    from uio.runner import ModelRunner
+
+    return ModelRunner.from_pretrained(**tiny_runner_options)

@@ -18,19 +18,6 @@ from uio.runner import ModelRunner
 from uio.tasks import TASKS
 
 
-@pytest.fixture(scope="module")
-def model_args(conformance) -> list[str]:
-    """Options selecting the tiny checkpoint and the synthetic vocabulary."""
-    return ["--model", str(conformance / "tiny" / "config.json"), "--weights", str(conformance / "tiny" / "tiny.bin"),
-            "--tokenizer", str(conformance / "tokenizer" / "spiece.model"), "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_runner(conformance) -> ModelRunner:
-    return ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
-                       tokenizer=conformance / "tokenizer" / "spiece.model", device="cpu", log_inputs=False)
-
-
 @pytest.fixture()
 def preloaded(monkeypatch, tiny_runner) -> None:
     """Commands get the module's tiny runner instead of loading the checkpoint again (after the

@@ -275,13 +275,18 @@ def model_spec(args: argparse.Namespace) -> str:
     return "small"
 
 
+def runner_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :meth:`ModelRunner.from_pretrained` the common options describe."""
+    return {"size": model_spec(args), "weights": args.weights, "tokenizer": args.tokenizer, "device": args.device,
+            "dtype": args.dtype, "seed": args.seed, "log_inputs": False, "prepack": args.prepack,
+            "stop_at_eos": args.stop_at_eos}
+
+
 def load_runner(args: argparse.Namespace):
     """The :class:`ModelRunner` the common options describe (downloads when --weights is absent)."""
     from .runner import ModelRunner
 
-    return ModelRunner.from_pretrained(model_spec(args), weights=args.weights, tokenizer=args.tokenizer,
-                                       device=args.device, dtype=args.dtype, seed=args.seed, log_inputs=False,
-                                       prepack=args.prepack, stop_at_eos=args.stop_at_eos)
+    return ModelRunner.from_pretrained(**runner_options(args))
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
@@ -391,7 +396,10 @@ def _cmd_serve(args: argparse.Namespace) -> Outcome:
                          "pip install 'unified-io[serve]'") from None
     settings = ServerSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                               max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20, token=args.token)
-    serve(lambda: load_runner(args), settings)
+    if args.ray:
+        _serve_on_ray(args, settings)
+    else:
+        serve(lambda: load_runner(args), settings)
     return {"command": "serve", "host": args.host, "port": args.port}, ["uio serve: stopped"]
 
 
@@ -566,6 +574,15 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
                         help="image to write (default: <image name>-<command>.png in the current folder)")
 
 
+def _serve_on_ray(args: argparse.Namespace, settings) -> None:
+    try:
+        from . import ray_serve
+    except ImportError as err:
+        raise UsageError(f"uio serve --ray needs the ray extra ({err.name} is not installed): "
+                         "pip install 'unified-io[serve,ray]'") from None
+    ray_serve.run(runner_options(args), settings, args.address, args.replicas, args.gpus_per_replica)
+
+
 def _add_serve(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("server options")
     group.add_argument("--host", default="127.0.0.1",
@@ -581,6 +598,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                        help="largest request body, in MiB (default 20)")
     group.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1/ requests "
                                        "(default: none; set one when listening beyond this machine)")
+    from .cli_batch import add_ray_options
+
+    add_ray_options(p, "serve the app on Ray Serve, each replica with its own model")
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -630,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_download)
     p = sub.add_parser("info", parents=[base], help="show versions, device and the cache")
     p.set_defaults(handler=_cmd_info)
+    from . import cli_batch
+
+    cli_batch.add_parser(sub, [base, model])
     return parser
 
 
@@ -669,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         with warnings.catch_warnings():  # restores showwarning afterwards
             warnings.showwarning = _show_warning
-            record, lines = args.handler(args)
+            record, lines, *status = args.handler(args)  # a handler may add an exit status (uio batch)
     except SystemExit as exit_:  # --help, --version
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
     except UsageError as err:
@@ -685,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(record, default=_json_default))
     else:
         print("\n".join(lines))
-    return EXIT_OK
+    return status[0] if status else EXIT_OK
 
 
 if __name__ == "__main__":

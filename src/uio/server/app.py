@@ -133,8 +133,12 @@ class _Model:
         self.loaded.set()
 
 
-def create_app(load_runner: Callable[[], Any], settings: ServerSettings = ServerSettings()) -> FastAPI:
-    """The ASGI app serving the runner that ``load_runner()`` returns (called on a background thread)."""
+def create_app(load_runner: Callable[[], Any], settings: ServerSettings = ServerSettings(),
+               batcher_class: type[Batcher] = Batcher) -> FastAPI:
+    """The ASGI app serving the runner that ``load_runner()`` returns (called on a background thread).
+
+    ``batcher_class`` groups the requests (:class:`~uio.server.batcher.Batcher`'s arguments);
+    :mod:`uio.ray_serve` passes one that batches with Ray Serve."""
     metrics = Metrics(settings.max_batch)
     state: dict[str, Any] = {}
 
@@ -155,7 +159,7 @@ def create_app(load_runner: Callable[[], Any], settings: ServerSettings = Server
         if not model.loaded.is_set():
             raise ApiError(503, "not ready", "the model is still loading", {"Retry-After": str(RETRY_AFTER_S)})
         if "batcher" not in state:
-            state["batcher"] = Batcher(model.runner, metrics, settings.max_batch, settings.max_wait_ms,
+            state["batcher"] = batcher_class(model.runner, metrics, settings.max_batch, settings.max_wait_ms,
                                        settings.max_queue)
             state["batcher"].start()
         return state["batcher"]
