@@ -141,3 +141,12 @@ def test_a_first_load_does_not_wait_for_the_build(tmp_path, build_env):
         for builder in builders:
             kill_group(int(builder.name.rpartition("-")[2]))
     wait_until(lambda: not lock_held_elsewhere(folder), "the killed builder's lock to be released")
+
+
+def test_the_command_builds_or_loads_the_kernels_and_says_where():
+    """``python -m uio.model.cpu_kernels``, a deployment step: here the build the tests loaded."""
+    if not cpu_kernels.available():
+        pytest.skip(f"uio's CPU kernels are not loaded here: {cpu_kernels.failure()}")
+    result = subprocess.run([sys.executable, "-m", "uio.model.cpu_kernels"], capture_output=True, text=True,
+                            timeout=WAIT_S, check=False)
+    assert result.stdout.strip() == f"uio's CPU kernels: loaded from {cpu_kernels.build_folder()}", result.stderr

@@ -214,8 +214,8 @@ def _build(folder: Path) -> str | None:
 def _start_background_build() -> None:
     """Run :func:`_build_in_background` in a detached process: a session of its own, which a closed
     terminal or Ctrl-C does not stop, its output discarded (a failure is remembered in its log)."""
-    subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True)
+    subprocess.Popen([sys.executable, "-m", __name__, "--background"], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _build_in_background() -> None:
@@ -367,5 +367,15 @@ def decoder_layer_step(x: Tensor, weights: list[Tensor], cache: tuple[Tensor, Te
                                                 wo, eps)
 
 
+def main(argv: list[str]) -> None:
+    """``python -m uio.model.cpu_kernels``: build the kernels (or wait for the build in progress) and
+    say whether this environment uses them; with ``--background``, what :func:`load` starts."""
+    if argv == ["--background"]:
+        return _build_in_background()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"uio's CPU kernels: loaded from {build_folder()}" if load(wait=True) else
+          f"uio's CPU kernels: not used ({failure()})")
+
+
 if __name__ == "__main__":
-    _build_in_background()
+    main(sys.argv[1:])
