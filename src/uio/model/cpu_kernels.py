@@ -110,7 +110,9 @@ def load(wait: bool = False) -> bool:
             return False
         folder = build_folder()
         if not wait and not (_library(folder).is_file() or _failure_log(folder).is_file()):
-            _start_background_build()
+            with _build_lock(folder, wait=False) as nobody_building:
+                if nobody_building:
+                    _start_background_build()
             _failure, _building = "being built in a background process", True
             log.warning("building uio's CPU kernels in the background (once per environment, into %s); "
                         "this process runs on torch's kernels, later ones on uio's", folder)
