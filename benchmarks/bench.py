@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -401,13 +402,16 @@ def print_load_table(sizes: list[str]) -> None:
 
 def print_kernel_comparison(rows) -> None:
     """Each call's median seconds with uio's CPU kernels and without them (rows labelled ``PLAIN``)."""
-    plain = {(name.split(" (")[0], batch, mode): median for name, batch, mode, _, median, *_ in rows}
+    def call(name: str) -> str:  # without the throughput row_label adds
+        return re.sub(r" \([0-9.]+ (ex/s|ms/step)\)$", "", name)
+
+    medians = {(call(name), batch, mode): median for name, batch, mode, _, median, *_ in rows}
     print("\n| call | batch | mode | with kernels s | without s | without / with |")
     print("|---|---|---|---|---|---|")
     for name, batch, mode, _, median, *_ in rows:
-        without = plain.get((name.split(" (")[0], batch, f"{mode} {PLAIN}"))
+        without = medians.get((call(name), batch, f"{mode} {PLAIN}"))
         if without is not None:
-            print(f"| {name.split(' (')[0]} | {batch} | {mode} | {median:.3f} | {without:.3f} | {without / median:.2f} |")
+            print(f"| {call(name)} | {batch} | {mode} | {median:.3f} | {without:.3f} | {without / median:.2f} |")
 
 
 def print_table(rows, args) -> None:
