@@ -2,14 +2,18 @@
 
     python benchmarks/bench.py [--size small] [--modes fp32 bf16 fp32+compile bf16+compile] [--runs 5]
                                [--threads 2] [--batches 1 2 4 8] [--device cpu] [--no-load]
-                               [--load-only SIZE ...]
+                               [--kernels on|off|both] [--load-only SIZE ...]
 
 Writes a random checkpoint of the real size in the released ``.bin`` format (and its safetensors
 conversion) to a temporary folder, then prints one table: each call's median seconds over
 ``--runs`` runs after a warm-up, the first (cold) call, the floor this hardware allows (from
 matmul/conv throughput and weight-streaming bandwidth measured in the same run), the ratio to it
 (and to the floor at the call's moment: the rates measured just before and after it), and the peak
-resident memory during the call. With ``--device cuda`` the model and the
+resident memory during the call. ``--kernels off`` runs each mode without uio's CPU kernels
+(``UIO_CPU_KERNEL=0``: torch's kernels, as on machines that cannot build them); ``--kernels both``
+runs each mode both ways, one after the other, and ends with a table of the two times of each call and
+their ratio (the floors of a run without the kernels leave their streaming rate out). With
+``--device cuda`` the model and the
 throughput measurements run on the GPU, and the memory column is the GPU's peak allocation.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -39,6 +44,7 @@ from uio.model.vqgan import Upsample, full_fp32_convolutions
 from uio.processing import preprocess_image
 from uio.runner import ModelRunner, resolve_dtype
 
+PLAIN = "plain"  # the mode label's suffix for runs without uio's CPU kernels
 OPTIONS = 200  # answer options of the classification call (labels of a few tokens each)
 CONFORMANCE = Path(os.environ.get("UIO_CONFORMANCE", Path(__file__).resolve().parents[2] / "shared/conformance"))
 CONFORMANCE_TOKENIZER = CONFORMANCE / "tokenizer/spiece.model"
@@ -268,6 +274,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the model and the throughput measurements)")
     parser.add_argument("--no-load", action="store_true", help="skip timing checkpoint loads")
+    parser.add_argument("--kernels", choices=["on", "off", "both"], default="on",
+                        help="with uio's CPU kernels, without them (UIO_CPU_KERNEL=0), or each mode both ways")
     parser.add_argument("--load-only", nargs="+", metavar="SIZE", choices=list(CONFIGS),
                         help="only time loading random checkpoints of these sizes (peak RSS vs weight bytes)")
     parser.add_argument("--child", metavar="CHECKPOINT", help=argparse.SUPPRESS)  # time one mode, print JSON rows
@@ -289,8 +297,14 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", str(st_path), "--modes", mode, "--size", args.size,
                        "--runs", str(args.runs), "--threads", str(args.threads), "--device", args.device,
                        "--batches", *map(str, args.batches)]
-            rows += json.loads(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout)
+            for kernels in (True, False) if args.kernels == "both" else (args.kernels == "on",):
+                env = {**os.environ, **({} if kernels else {"UIO_CPU_KERNEL": "0"})}
+                output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
+                rows += [(name, batch, mode if kernels else f"{mode} {PLAIN}", *rest)
+                         for name, batch, _, *rest in json.loads(output)]
     print_table(rows, args)
+    if args.kernels == "both":
+        print_kernel_comparison(rows)
 
 
 def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
@@ -306,7 +320,7 @@ def time_mode(args, mode: str, checkpoint_path: Path) -> list[tuple]:
     dtype_name, compiled = mode.split("+")[0], mode.endswith("+compile")
     dtype, device = resolve_dtype(dtype_name), torch.device(args.device)
     if device.type == "cpu":
-        cpu_kernels.load()  # its streaming rate counts in the floors, also of modes that do not use it
+        cpu_kernels.load(wait=True)  # its streaming rate counts in the floors, also of modes that do not use it
     moments = [measure_hardware(dtype, device)]  # rates before the first call, then after each
     runner = make_runner(args.size, checkpoint_path, tokenizer_source(), dtype_name, compiled, args.device)
     question = "what color is the sofa ?"
@@ -384,6 +398,20 @@ def print_load_table(sizes: list[str]) -> None:
             seconds, peak, packed = load_in_fresh_process(size, path)
         print(f"| {size} | {weights:.2f} | {packed:.2f} | {seconds:.2f} | {peak:.2f} | {peak - weights - packed:.2f} |",
               flush=True)
+
+
+def print_kernel_comparison(rows) -> None:
+    """Each call's median seconds with uio's CPU kernels and without them (rows labelled ``PLAIN``)."""
+    def call(name: str) -> str:  # without the throughput row_label adds
+        return re.sub(r" \([0-9.]+ (ex/s|ms/step)\)$", "", name)
+
+    medians = {(call(name), batch, mode): median for name, batch, mode, _, median, *_ in rows}
+    print("\n| call | batch | mode | with kernels s | without s | without / with |")
+    print("|---|---|---|---|---|---|")
+    for name, batch, mode, _, median, *_ in rows:
+        without = medians.get((call(name), batch, f"{mode} {PLAIN}"))
+        if without is not None:
+            print(f"| {call(name)} | {batch} | {mode} | {median:.3f} | {without:.3f} | {without / median:.2f} |")
 
 
 def print_table(rows, args) -> None:

@@ -12,11 +12,18 @@ _DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 CONFORMANCE = Path(os.environ.get("UIO_CONFORMANCE", _DEFAULT))
 
 
-def pytest_report_header(config) -> str:
-    """Whether uio's CPU kernels are built and used (loaded here, so every test sees the same state)."""
+def pytest_sessionstart(session) -> None:
+    """Build (or wait for) and load uio's CPU kernels before any test, so every test sees one state."""
     from uio.model import cpu_kernels
 
-    return "uio CPU kernels: " + ("loaded" if cpu_kernels.load() else f"not used ({cpu_kernels.unsupported_reason()})")
+    cpu_kernels.load(wait=True)
+
+
+def pytest_report_header(config) -> str:
+    """Whether uio's CPU kernels are built and used."""
+    from uio.model import cpu_kernels
+
+    return "uio CPU kernels: " + ("loaded" if cpu_kernels.available() else f"not used ({cpu_kernels.failure()})")
 
 
 @pytest.fixture

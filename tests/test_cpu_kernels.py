@@ -5,6 +5,7 @@ import copy
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ def kernel():
         pytest.skip(f"uio's CPU kernel is not used here: {reason}")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler to build uio's CPU kernel")
-    assert cpu_kernels.load(), f"uio's CPU kernel did not build: {cpu_kernels.failure()}"
+    assert cpu_kernels.load(wait=True), f"uio's CPU kernel did not build: {cpu_kernels.failure()}"
     return cpu_kernels.gemv
 
 
@@ -125,6 +126,32 @@ def test_decoding_with_the_kernel_gives_torchs_results(kernel, conformance, test
     np.testing.assert_allclose(with_kernel["score"], without["score"], rtol=1e-5)
 
 
+def test_a_cpu_without_avx2_builds_nothing_and_decodes_as_the_kernels_do(kernel, conformance, test_image,
+                                                                           monkeypatch, tmp_path):
+    """Where torch finds no AVX2 (as on ARM CPUs), no build starts and models decode on torch's
+    kernels without oneDNN's packed copies: the same outputs as the kernels'."""
+    from uio.runner import ModelRunner
+
+    def run() -> dict:
+        runner = ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
+                             tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False)
+        assert runner.model.packed_weights() == [] and cpu_kernels.in_use(torch.float32) == with_kernels
+        return runner.run([test_image] * 2, ["what is on the left ?", "describe"], output_text_len=6,
+                          generate_image=True, num_decodes=2)
+
+    with_kernels = True
+    expected = run()
+    forget_loading(monkeypatch)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with_kernels = False
+    assert not cpu_kernels.load() and "no AVX2" in cpu_kernels.failure() and list(tmp_path.iterdir()) == []
+    got = run()
+    for key in ("text_tokens", "image_tokens"):
+        np.testing.assert_array_equal(got[key], expected[key])
+    np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-5)
+
+
 def test_bf16_decoding_with_the_layer_kernel_gives_torchs_bf16_layers_results(kernel, conformance, test_image,
                                                                               monkeypatch):
     """bf16 steps run the layer kernel, rounding as torch's bf16 layers do: the same beams' text.
@@ -155,38 +182,83 @@ def test_bf16_decoding_with_the_layer_kernel_gives_torchs_bf16_layers_results(ke
 
 
 @pytest.fixture
-def never_loaded(monkeypatch):
-    """The module as before any load, on a machine that can run the kernel (builds are stood in for)."""
-    for name, value in (("_loaded", False), ("_failure", None), ("unsupported_reason", lambda: None)):
+def never_loaded(monkeypatch, tmp_path):
+    """The module as before any load, on a machine that can run the kernel, building into an empty
+    ``tmp_path`` (builds are stood in for by the tests that use it)."""
+    for name, value in (("_loaded", False), ("_failure", None), ("_building", False),
+                        ("unsupported_reason", lambda: None)):
+        monkeypatch.setattr(cpu_kernels, name, value)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+
+
+def forget_loading(monkeypatch) -> None:
+    """What a new process knows: nothing loaded or tried."""
+    for name, value in (("_loaded", False), ("_failure", None), ("_building", False)):
         monkeypatch.setattr(cpu_kernels, name, value)
 
 
-def test_a_kernel_that_cannot_build_leaves_torchs_kernels(monkeypatch, caplog, never_loaded):
+def test_a_failed_build_is_remembered_until_the_compiler_changes(monkeypatch, caplog, tmp_path, never_loaded):
+    """A build that fails leaves torch's kernels, with one short warning naming its log; later
+    processes neither build again nor repeat torch's output, until what the build depends on changes."""
+    import warnings
+
     import torch.utils.cpp_extension
 
+    builds = []
+
     def failing_build(*args, **kwargs):
-        raise RuntimeError("Error building extension 'uio_cpu_kernels'\nc++: command not found")
+        builds.append(kwargs["build_directory"])
+        raise RuntimeError("Error building extension 'uio_cpu_kernels'\n" + "compiler output\n" * 100
+                           + "c++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
     with caplog.at_level(logging.WARNING):
-        assert not cpu_kernels.load() and not cpu_kernels.load()  # tried once
-    assert cpu_kernels.failure() == "RuntimeError: c++: command not found"
-    assert caplog.text.count("could not build uio's CPU kernels (RuntimeError: c++: command") == 1
+        assert not cpu_kernels.load(wait=True) and not cpu_kernels.load(wait=True)  # tried once
+    assert cpu_kernels.failure() == "RuntimeError: c++: command not found" and len(builds) == 1
     assert not cpu_kernels.serves(torch.randn(1, 4), torch.randn(4, 4))
+    log_file = cpu_kernels.build_folder().with_name(cpu_kernels.build_folder().name + ".failed")
+    assert "compiler output" in log_file.read_text() and "compiler output" not in caplog.text
+    assert caplog.text.count(f"could not build uio's CPU kernels (RuntimeError: c++: command not found; log: "
+                             f"{log_file}") == 1
+    for wait in (False, True):  # later processes, in the background or not
+        forget_loading(monkeypatch)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as python_warnings:
+            assert not cpu_kernels.load(wait=wait)
+        assert len(builds) == 1 and not python_warnings and len(caplog.records) == 1
+        assert "failed to build here before (RuntimeError: c++: command not found" in caplog.text
+    other_compiler = tmp_path / "c++"
+    other_compiler.write_text("#!/bin/sh\nexec c++ \"$@\"\n")
+    other_compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(other_compiler))
+    forget_loading(monkeypatch)
+    assert not cpu_kernels.load(wait=True) and len(builds) == 2
 
 
-@pytest.mark.parametrize("build_seconds, noticed", [(0.3, True), (0.0, False)])
-def test_a_load_that_compiles_says_so(monkeypatch, caplog, build_seconds, noticed, never_loaded):
-    import time
-
+def test_a_build_says_so_once_and_later_loads_load_what_it_built(monkeypatch, caplog, never_loaded):
+    """The build compiles into a folder of its own, renamed when complete; a later process loads
+    the library from it without compiling."""
     import torch.utils.cpp_extension
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *args, **kwargs: time.sleep(build_seconds))
-    monkeypatch.setattr(cpu_kernels, "COMPILING_NOTICE_AFTER_S", 0.1)
+    built, loaded = [], []
+
+    def build(name, *args, build_directory, **kwargs):
+        built.append(build_directory)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", build)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    folder = cpu_kernels.build_folder()
+    with caplog.at_level(logging.WARNING):
+        assert cpu_kernels.load(wait=True)
+    assert caplog.text.count("compiling uio's CPU kernels (once per environment") == 1
+    assert built == [str(folder.with_name(f"{folder.name}.part-{os.getpid()}"))]
+    assert (folder / "uio_cpu_kernels.so").is_file() and not loaded
+    forget_loading(monkeypatch)
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert cpu_kernels.load()
-    time.sleep(0.2)  # a notice still pending would have fired by now
-    assert ("compiling uio's CPU kernels (once per machine" in caplog.text) == noticed
+    assert loaded == [str(folder / "uio_cpu_kernels.so")] and len(built) == 1 and not caplog.text
 
 
 def test_the_environment_can_turn_the_kernel_off(monkeypatch):

@@ -417,3 +417,30 @@ def test_fp32_matmuls_of_many_rows_run_on_onednn_without_gradients(monkeypatch, 
     x.requires_grad_()
     linear(x, weight).sum().backward()
     assert len(calls) == 1 and x.grad is not None
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_every_weight_onednn_multiplies_unpacked_has_contiguous_rows_or_columns(conformance, test_image, monkeypatch,
+                                                                                kernels):
+    """oneDNN multiplies a weight whose rows and columns are both strided (a row range of a transposed
+    matrix, as the cross-attention's key/value rows of an fp32 (in, out) fused matrix were) by a
+    far slower reference kernel: every weight a model hands it unpacked, in every call that
+    multiplies many rows (projecting the encoding into cross-attention keys/values, encoding,
+    scoring answer options), has contiguous rows or columns, with uio's CPU kernels in use or not."""
+    from uio.model import cpu_kernels, transformer
+    from uio.runner import ModelRunner
+
+    if not packed_matmul_supported(torch.float32):
+        pytest.skip("oneDNN's linear is not used on this CPU")
+    if kernels and not cpu_kernels.load():
+        pytest.skip("uio's CPU kernels are not loaded here")
+    monkeypatch.setattr(cpu_kernels, "enabled", kernels)
+    onednn_linear, weights = transformer._onednn_linear, []
+    monkeypatch.setattr(transformer, "_onednn_linear", lambda x, w: weights.append(w) or onednn_linear(x, w))
+    runner = ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin", log_inputs=False,
+                         tokenizer=conformance / "tokenizer" / "spiece.model")
+    runner.run([test_image], ["what is on the left ?"], output_text_len=4)
+    runner.image_classification(test_image, answer_options=[f"object number {i}" for i in range(40)])
+    unpacked = [w for w in weights if w.layout == torch.strided]
+    assert unpacked, "no call multiplied many rows by oneDNN"
+    assert [w.stride() for w in unpacked if not (w.is_contiguous() or w.T.is_contiguous())] == []

@@ -17,18 +17,31 @@ GELU of any number of float32 rows (the encoder's, teacher-forced decoding's) in
 ``torch.ops.uio_cpu.scaled_cross_entropy`` (:func:`scaled_cross_entropy`), answer options' losses from the output
 layer's unscaled logits, without writing the scaled logits or their log-softmax.
 
-:func:`load` compiles them with torch's C++ extension builder (a C++ compiler and ninja needed; ~20-60 s,
-once per machine: torch keeps the build in ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``);
-without them, or on CPUs without AVX2 and FMA, steps use torch's kernels. ``UIO_CPU_KERNEL=0`` in the
-environment skips them; ``uio.model.cpu_kernels.enabled = False`` stops using them (steps traced
-before keep what they traced).
+:func:`load` compiles them with torch's C++ extension builder (a C++ compiler and ninja needed), once
+per environment and source version, into a folder of ``$TORCH_EXTENSIONS_DIR`` (else
+``~/.cache/torch_extensions``) named by a hash of what the build depends on (:func:`build_folder`).
+A process that finds no build starts one in a detached background process and runs on torch's
+kernels meanwhile; processes started after it use the kernels. ``load(wait=True)`` builds (or waits)
+instead. A build holds an OS file lock, which a killed builder cannot leave held, and writes into a
+temporary folder renamed when complete, so a build killed part-way leaves nothing to load; a failed
+build is remembered (its log beside the folder) until the sources, compiler or torch change.
+Without a compiler, or on CPUs without AVX2 and FMA, steps use torch's kernels. ``UIO_CPU_KERNEL=0``
+in the environment skips them; ``uio.model.cpu_kernels.enabled = False`` stops using them (steps
+traced before keep what they traced). ``python -m uio.model.cpu_kernels`` builds them (a deployment
+step: a server then starts with them).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import platform
+import shutil
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,17 +49,24 @@ from torch import Tensor
 
 from .hardware import cpu_has_bf16_kernels
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
-SOURCES = [str(Path(__file__).with_name(name))  # and cpu_kernels.h
+NAME = "uio_cpu_kernels"
+SOURCES = [str(Path(__file__).with_name(name))
            for name in ("gemv.cpp", "decoder_step.cpp", "transpose.cpp", "group_norm.cpp", "cross_entropy.cpp")]
+HEADER = str(Path(__file__).with_name("cpu_kernels.h"))
 MAX_ROWS = 32  # rows the kernels take: a decoding step's, up to a batch of 32 (at 64 oneDNN's packed copies win)
-COMPILING_NOTICE_AFTER_S = 2.0  # a load taking longer is compiling: say so
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp links the libgomp torch has loaded: one runtime
 enabled = True  # False: use torch's kernels even where these are loaded (for comparisons)
 _lock = threading.Lock()
 _loaded = False
 _failure: str | None = None
+_building = False  # _failure is a background build: a later load(wait=True) waits for it
 
 
 def unsupported_reason() -> str | None:
@@ -57,6 +77,8 @@ def unsupported_reason() -> str | None:
         return f"not an x86-64 CPU ({platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"this CPU has no AVX2 (torch: {torch.backends.cpu.get_cpu_capability()})"
+    if fcntl is None:
+        return f"no builds on {sys.platform}"
     return None
 
 
@@ -65,36 +87,146 @@ def failure() -> str | None:
     return _failure
 
 
-def load() -> bool:
-    """Build (first time on this machine) and load the kernels; False, with a warning saying why, if
-    they cannot be used here. Safe to call from several threads; later calls return at once."""
-    global _loaded, _failure
+def load(wait: bool = False) -> bool:
+    """Load the kernels; True where this process uses them. Where this environment has no build of
+    the current sources yet, start one in a detached background process and return False: this
+    process runs on torch's kernels, and processes started after the build use it. With ``wait``,
+    build them here (or wait for the build in progress) first, as tests and benchmarks want.
+    False, with a warning saying why, where they cannot be used. Safe to call from several
+    threads; later calls return the first result (or, with ``wait``, wait for a background build)."""
+    global _loaded, _failure, _building
     with _lock:
-        if _loaded or _failure is not None:
+        if _loaded or (_failure is not None and not (wait and _building)):
             return _loaded
+        _building = False
         _failure = unsupported_reason()
         if _failure is not None:
             log.info("uio's CPU kernels not used: %s", _failure)
             return False
-        from torch.utils.cpp_extension import load as build
-
-        # Loading a build torch has kept takes milliseconds: say something only when compiling.
-        message = "compiling uio's CPU kernels (once per machine, ~20-60 s; UIO_CPU_KERNEL=0 skips them)"
-        notice = threading.Timer(COMPILING_NOTICE_AFTER_S, log.warning, [message])
-        notice.start()
-        try:
-            build("uio_cpu_kernels", sources=SOURCES, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                  is_python_module=False)
-        except Exception as error:  # an optional speed-up: never fail a load for it
-            last_line = (str(error).strip().splitlines() or [""])[-1]  # build errors end with the cause
-            _failure = f"{type(error).__name__}: {last_line}"
-            log.warning("could not build uio's CPU kernels (%s); decoding steps use torch's kernels, "
-                        "~2x slower in float32", _failure)
+        if _compiler() is None:
+            _failure = f"no C++ compiler ({os.environ.get('CXX', 'c++')})"
+            log.warning("uio's CPU kernels not used: %s; decoding runs on torch's kernels (UIO_CPU_KERNEL=0 "
+                        "silences this)", _failure)
             return False
-        finally:
-            notice.cancel()
-        _loaded = True
-        return True
+        folder = build_folder()
+        if not wait and not (_library(folder).is_file() or _failure_log(folder).is_file()):
+            with _build_lock(folder, wait=False) as nobody_building:
+                if nobody_building:
+                    _start_background_build()
+            _failure, _building = "being built in a background process", True
+            log.warning("building uio's CPU kernels in the background (once per environment, into %s); "
+                        "this process runs on torch's kernels, later ones on uio's", folder)
+            return False
+        _failure = _load_or_build(folder)
+        _loaded = _failure is None
+        return _loaded
+
+
+def build_folder() -> Path:
+    """The folder holding this environment's build of the current sources: in
+    ``$TORCH_EXTENSIONS_DIR`` (else torch's default, ``~/.cache/torch_extensions``), named by a hash
+    of the sources, flags, torch, Python, ``sys.prefix`` and the compiler (its path, size and time)."""
+    compiler = _compiler()
+    stat = os.stat(compiler) if compiler else None
+    identity = [*(Path(source).read_bytes() for source in [*SOURCES, HEADER]), _FLAGS, torch.__version__,
+                torch.version.git_version, sys.version, sys.prefix, compiler, stat and (stat.st_size, stat.st_mtime_ns),
+                shutil.which("ninja")]
+    digest = hashlib.sha256(repr(identity).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cache) / f"{NAME}-{digest}"
+
+
+def _compiler() -> str | None:
+    found = shutil.which(os.environ.get("CXX", "c++"))
+    return os.path.realpath(found) if found else None
+
+
+def _library(folder: Path) -> Path:
+    return folder / f"{NAME}.so"
+
+
+def _failure_log(folder: Path) -> Path:
+    """Where a failed build of ``folder`` is remembered, with its compiler output."""
+    return folder.with_name(folder.name + ".failed")
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold ``folder``'s build lock (yields True), or yield False where another process holds it and not
+    ``wait``. An OS file lock: the system releases it when its holder dies, however it dies."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder.with_name(folder.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)  # not inherited
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _load_or_build(folder: Path) -> str | None:
+    """Load the build in ``folder``, first building it (or waiting for the process that builds it)
+    where it is not there; why it could not, or None."""
+    with _build_lock(folder):
+        if _failure_log(folder).is_file():
+            reason = _failure_log(folder).read_text().partition("\n")[0]
+            log.warning("uio's CPU kernels failed to build here before (%s; log: %s, delete it to retry); "
+                        "decoding runs on torch's kernels", reason, _failure_log(folder))
+            return reason
+        if _library(folder).is_file():
+            try:
+                torch.ops.load_library(str(_library(folder)))
+            except (OSError, RuntimeError) as error:
+                log.warning("could not load uio's CPU kernels (%s; delete %s to rebuild them); decoding runs on "
+                            "torch's kernels", error, folder)
+                return f"{type(error).__name__}: {error}"
+            return None
+        return _build(folder)
+
+
+def _build(folder: Path) -> str | None:
+    """Compile the kernels into a new folder beside ``folder``, renamed to it once complete (a build
+    killed part-way leaves only a folder the next build deletes), holding its lock; torch's builder
+    loads the library into this process. Why it failed (remembered beside ``folder``), or None."""
+    from torch.utils.cpp_extension import load as torch_build
+
+    log.warning("compiling uio's CPU kernels (once per environment; UIO_CPU_KERNEL=0 skips them)")
+    for unfinished in folder.parent.glob(f"{folder.name}.part-*"):
+        shutil.rmtree(unfinished, ignore_errors=True)
+    part = folder.with_name(f"{folder.name}.part-{os.getpid()}")
+    try:
+        part.mkdir()
+        torch_build(NAME, sources=SOURCES, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(part),
+                    is_python_module=False)
+        shutil.rmtree(folder, ignore_errors=True)
+        part.rename(folder)
+    except Exception as error:  # an optional speed-up: never fail a load for it
+        last_line = (str(error).strip().splitlines() or [""])[-1]  # build errors end with the cause
+        reason = f"{type(error).__name__}: {last_line}"
+        _failure_log(folder).write_text(f"{reason}\n\n{error}\n")
+        log.warning("could not build uio's CPU kernels (%s; log: %s, delete it to retry); decoding runs on "
+                    "torch's kernels", reason, _failure_log(folder))
+        return reason
+    return None
+
+
+def _start_background_build() -> None:
+    """Run :func:`_build_in_background` in a detached process: a session of its own, which a closed
+    terminal or Ctrl-C does not stop, its output discarded (a failure is remembered in its log)."""
+    subprocess.Popen([sys.executable, "-m", __name__, "--background"], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _build_in_background() -> None:
+    """Build this environment's kernels at low priority, unless built, failed or being built."""
+    os.nice(19)  # the processes it builds for come first
+    folder = build_folder()
+    with _build_lock(folder, wait=False) as held:
+        if held and not (_library(folder).is_file() or _failure_log(folder).is_file()):
+            _build(folder)
 
 
 def available() -> bool:
@@ -235,3 +367,17 @@ def decoder_layer_step(x: Tensor, weights: list[Tensor], cache: tuple[Tensor, Te
     return torch.ops.uio_cpu.decoder_layer_step(x, self_norm, qkv, self_out, keys, values, index, self_bias,
                                                 cross_norm, cross_q, cross_out, *cross_kv, cross_bias, mlp_norm, wi,
                                                 wo, eps)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m uio.model.cpu_kernels``: build the kernels (or wait for the build in progress) and
+    say whether this environment uses them; with ``--background``, what :func:`load` starts."""
+    if argv == ["--background"]:
+        return _build_in_background()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"uio's CPU kernels: loaded from {build_folder()}" if load(wait=True) else
+          f"uio's CPU kernels: not used ({failure()})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -217,10 +217,12 @@ def in_stored_layout(weight: Tensor, decoder: bool = False) -> bool:
 
 
 def fuse_weights(linears: list[nn.Linear], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, decoder: bool = False) -> Tensor:
+                 dtype: torch.dtype = torch.float32, decoder: bool = False, as_rows: bool = False) -> Tensor:
     """Concatenate the weights of ``linears`` (same input) into one matrix, in the layout
-    :func:`empty_weight` picks for them; each module keeps a view of its rows, so memory is
-    unchanged and one matmul computes all their outputs.
+    :func:`empty_weight` picks for them, or as (out, in) rows where ``as_rows`` (a matrix whose row
+    ranges are multiplied apart: a row range of a transposed view has neither its rows nor its
+    columns contiguous, a layout oneDNN multiplies by a far slower reference kernel); each
+    module keeps a view of its rows, so memory is unchanged and one matmul computes all their outputs.
 
     Weights still on ``meta`` get an uninitialised matrix on ``device`` in ``dtype`` instead, which
     :func:`uio.checkpoint.load_into` fills in place: loading then copies each weight once.
@@ -228,7 +230,8 @@ def fuse_weights(linears: list[nn.Linear], device: torch.device | str = "cpu",
     weights = [m.weight.detach() for m in linears]
     if not weights[0].is_meta:
         device, dtype = weights[0].device, weights[0].dtype
-    fused = empty_weight(sum(w.shape[0] for w in weights), weights[0].shape[1], device, dtype, decoder)
+    shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+    fused = memory.empty(shape, dtype, device) if as_rows else empty_weight(*shape, device, dtype, decoder)
     for m, weight, rows in zip(linears, weights, fused.split([w.shape[0] for w in weights])):
         if not weight.is_meta:
             cpu_kernels.copy(rows, weight)
@@ -300,9 +303,11 @@ class MlpBlock(HoldsPackedCopies):
 class Attention(HoldsPackedCopies):
     """Multi-head attention without logit scaling; ``bias`` is added to the logits."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, projected_apart: bool = False):
+        """``projected_apart``: the query's and the key/value's projections run apart (cross-attention)."""
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
+        self.projected_apart = projected_apart
         inner = num_heads * head_dim
         self.query = nn.Linear(dim, inner, bias=False)
         self.key = nn.Linear(dim, inner, bias=False)
@@ -315,7 +320,7 @@ class Attention(HoldsPackedCopies):
     def fuse(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              decoder: bool = False) -> None:
         """Compute the query/key/value projections with one matmul from now on (see :func:`fuse_weights`)."""
-        self.fused_qkv = fuse_weights([self.query, self.key, self.value], device, dtype, decoder)
+        self.fused_qkv = fuse_weights([self.query, self.key, self.value], device, dtype, decoder, self.projected_apart)
 
     def fusion_is_stale(self) -> bool:
         """Whether a projection's weight is no longer a view of the fused matrix (see :func:`views_of`)."""
@@ -643,7 +648,7 @@ class DecoderLayer(nn.Module):
         self.pre_self_attention_layer_norm = RMSNorm(cfg.emb_dim)
         self.self_attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.head_dim)
         self.pre_cross_attention_layer_norm = RMSNorm(cfg.emb_dim)
-        self.encoder_decoder_attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.head_dim)
+        self.encoder_decoder_attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.head_dim, projected_apart=True)
         self.pre_mlp_layer_norm = RMSNorm(cfg.emb_dim)
         self.mlp = MlpBlock(cfg.emb_dim, cfg.mlp_dim)
 
