@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
