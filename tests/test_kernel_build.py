@@ -150,3 +150,14 @@ def test_the_command_builds_or_loads_the_kernels_and_says_where():
     result = subprocess.run([sys.executable, "-m", "uio.model.cpu_kernels"], capture_output=True, text=True,
                             timeout=WAIT_S, check=False)
     assert result.stdout.strip() == f"uio's CPU kernels: loaded from {cpu_kernels.build_folder()}", result.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").is_file(), reason="no Linux autogroups here")
+def test_the_background_build_yields_the_cpu_across_sessions():
+    # The build runs in a session of its own, which Linux schedules as a group beside the user's:
+    # only a lowered group nice (not the process's own) keeps it from halving a first call's CPU.
+    lowered = subprocess.run([sys.executable, "-c", "from uio.model import cpu_kernels\n"
+                              "cpu_kernels._lower_priority()\nprint(open('/proc/self/autogroup').read())"],
+                             capture_output=True, text=True, timeout=WAIT_S, start_new_session=True, check=True)
+    assert lowered.stdout.split()[-2:] == ["nice", "19"], lowered.stdout
+    assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # the test process itself was left alone

@@ -220,9 +220,22 @@ def _start_background_build() -> None:
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _lower_priority() -> None:
+    """Give this process and the compilers it starts the CPU only when others leave it idle.
+
+    Its session is a scheduling group of its own where Linux groups sessions (autogroups), and
+    a process's nice value ranks it only within its group: the group's nice is lowered too.
+    """
+    os.nice(19)
+    try:
+        Path("/proc/self/autogroup").write_text("19")
+    except OSError:  # not Linux, or autogroups off: the process's own nice is what counts
+        pass
+
+
 def _build_in_background() -> None:
     """Build this environment's kernels at low priority, unless built, failed or being built."""
-    os.nice(19)  # the processes it builds for come first
+    _lower_priority()  # the processes it builds for come first
     folder = build_folder()
     with _build_lock(folder, wait=False) as held:
         if held and not (_library(folder).is_file() or _failure_log(folder).is_file()):
