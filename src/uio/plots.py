@@ -15,6 +15,8 @@ import numpy as np
 
 from . import draw
 from .processing import undo_image_preprocessing
+from .results import fit_masks as masks_to_image
+from .results import region_labels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -82,12 +84,6 @@ def show_boxes(image: ImageLike, boxes: np.ndarray | Sequence[Sequence[float]], 
     return show_images([draw.draw_boxes(image, boxes, labels)], [shown])
 
 
-def masks_to_image(masks: Sequence[np.ndarray], image_shape: Sequence[int]) -> list[np.ndarray]:
-    """Generated (square, padded) masks cropped and resized to an image of ``image_shape`` (h, w, ...)."""
-    return [undo_image_preprocessing(np.asarray(m, np.float32)[..., None], tuple(image_shape)[:2])[..., 0] > 0.5
-            for m in masks]
-
-
 def show_masks(image: ImageLike, masks: Sequence[np.ndarray], title: str | None = None) -> Figure:
     """``image`` with each mask tinted in its own color; masks of another size (the model's 256x256
     output) are first fitted to the image (:func:`masks_to_image`)."""
@@ -110,8 +106,3 @@ def show_inpainting(image: ImageLike, box: Sequence[float], output: np.ndarray, 
     pil = draw.to_pil(image)
     fitted = undo_image_preprocessing(np.asarray(output), (pil.height, pil.width), mode="bilinear")
     return show_images([draw.draw_boxes(pil, [box], [text] if text else None), fitted], ["input", "inpainted"])
-
-
-def region_labels(labels: Sequence[Sequence[int]], tokenizer) -> list[str]:
-    """The label token ids of each box (``result["labels"]`` of refexp/localization) as text."""
-    return [tokenizer.decode(np.asarray(ids).tolist()).strip() for ids in labels]

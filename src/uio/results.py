@@ -75,8 +75,21 @@ def _show_gray(decode: dict, ctx: Context) -> Shown:
     return {}, [], draw.grayscale(_rescaled(decode, ctx))
 
 
+def fit_masks(masks: Sequence[np.ndarray], image_shape: Sequence[int]) -> list[np.ndarray]:
+    """Generated (square, padded) masks cropped and resized (nearest) to an image of ``image_shape`` (h, w, ...)."""
+    from .processing import undo_image_preprocessing
+
+    return [undo_image_preprocessing(np.asarray(m, np.float32)[..., None], tuple(image_shape)[:2], mode="nearest")
+            [..., 0] > 0.5 for m in masks]
+
+
+def region_labels(labels: Sequence[Sequence[int]], tokenizer) -> list[str]:
+    """The label token ids of each box (``result["labels"]`` of refexp/localization) as text."""
+    return [tokenizer.decode(np.asarray(ids).tolist()).strip() for ids in labels]
+
+
 def _show_masks(decode: dict, ctx: Context) -> Shown:
-    masks = [_to_input_size(m[..., None].astype(np.float32), ctx, "nearest")[..., 0] > 0.5 for m in decode["mask"]]
+    masks = fit_masks(decode["mask"], ctx.image.shape)
     pixels = [int(m.sum()) for m in masks]
     return {"masks": len(masks), "mask_pixels": pixels}, [
         f"{len(masks)} mask(s) of {', '.join(map(str, pixels)) or 'no'} pixels"], draw.overlay_masks(ctx.image, masks)
@@ -84,7 +97,7 @@ def _show_masks(decode: dict, ctx: Context) -> Shown:
 
 def _show_boxes(decode: dict, ctx: Context) -> Shown:
     boxes = np.asarray(decode["boxes"], dtype=np.float64).reshape(-1, 4)
-    labels = [ctx.tokenizer.decode(np.asarray(ids).tolist()).strip() for ids in decode.get("labels", [])]
+    labels = region_labels(decode.get("labels", []), ctx.tokenizer)
     found = [" ".join(f"{v:.1f}" for v in box) + (f"  {label}" if label else "")
              for box, label in zip(boxes, labels + [""] * len(boxes))]
     return ({"boxes": boxes.round(2).tolist(), "labels": labels}, found or ["no boxes found"],
