@@ -10,12 +10,6 @@ from uio.tasks import TASKS
 
 
 @pytest.fixture(scope="module")
-def tiny_runner(conformance) -> ModelRunner:
-    return ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
-                       tokenizer=conformance / "tokenizer" / "spiece.model", device="cpu", log_inputs=False)
-
-
-@pytest.fixture(scope="module")
 def images(test_image) -> list[np.ndarray]:
     """Three images of different shapes (so different padding) from the 640x480 test image."""
     return [test_image, test_image[40:360, 100:300], test_image[::2, ::3].copy()]

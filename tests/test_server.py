@@ -87,12 +87,6 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def tiny_runner(conformance) -> ModelRunner:
-    return ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
-                       tokenizer=conformance / "tokenizer" / "spiece.model", device="cpu", log_inputs=False)
-
-
-@pytest.fixture(scope="module")
 def image_bytes(conformance) -> bytes:
     return (conformance / "golden" / "test_image.png").read_bytes()
 
