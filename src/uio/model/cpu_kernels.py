@@ -109,7 +109,7 @@ def load(wait: bool = False) -> bool:
                         "silences this)", _failure)
             return False
         folder = build_folder()
-        if not wait and not (_library(folder).is_file() or _failure_log(folder).is_file()):
+        if not wait and not _settled(folder):
             with _build_lock(folder, wait=False) as nobody_building:
                 if nobody_building:
                     _start_background_build()
@@ -148,6 +148,11 @@ def _library(folder: Path) -> Path:
 def _failure_log(folder: Path) -> Path:
     """Where a failed build of ``folder`` is remembered, with its compiler output."""
     return folder.with_name(folder.name + ".failed")
+
+
+def _settled(folder: Path) -> bool:
+    """Whether ``folder``'s build has ended: built, or failed and remembered."""
+    return _library(folder).is_file() or _failure_log(folder).is_file()
 
 
 @contextlib.contextmanager
@@ -238,7 +243,7 @@ def _build_in_background() -> None:
     _lower_priority()  # the processes it builds for come first
     folder = build_folder()
     with _build_lock(folder, wait=False) as held:
-        if held and not (_library(folder).is_file() or _failure_log(folder).is_file()):
+        if held and not _settled(folder):
             _build(folder)
 
 
