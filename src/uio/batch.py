@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from PIL import Image
 
 from .images import read_image, read_mask
-from .requests import RUN, TaskRequest, render, run_requests, task_arguments
+from .requests import RUN, TaskRequest, render, run_requests, task_arguments, unknown_task
 from .tasks import TASKS, Arg
 
 DEFAULT_BATCH_SIZE = 8
@@ -172,9 +172,10 @@ def _read_files(arg: Arg, value: Any, base_dir: Path) -> Any:
 
 def task_fields(task: Any) -> dict[str, Arg]:
     """The fields a request of ``task`` takes (:func:`uio.requests.task_arguments`), by name."""
+    if task is None:
+        raise ValueError(f"missing \"task\": use one of {', '.join([*TASKS, RUN])}")
     if task not in [*TASKS, RUN]:
-        raise ValueError(f"unknown task {task!r}: use one of {', '.join([*TASKS, RUN])}" if isinstance(task, str)
-                         else f"missing \"task\": use one of {', '.join([*TASKS, RUN])}")
+        raise unknown_task(task)
     fields = {arg.keyword: arg for arg in task_arguments(task)}
     if "binary_masks" in fields:
         fields["labels"] = Arg("labels", "labels")

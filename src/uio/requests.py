@@ -51,6 +51,11 @@ class TaskRequest:
     beam_search: bool | None = None
 
 
+def unknown_task(task: Any) -> ValueError:
+    """The error for a request naming no task of the table (nor ``run``)."""
+    return ValueError(f"unknown task {task!r}: use one of {', '.join([*TASKS, RUN])}")
+
+
 def model_call_of(request: TaskRequest) -> ModelCall:
     """How ``request`` runs the model, its inputs checked as ``run()`` checks them; ValueError or
     TypeError (naming the input) when its task or inputs are not usable."""
@@ -59,7 +64,7 @@ def model_call_of(request: TaskRequest) -> ModelCall:
     elif request.task in TASKS:
         call = model_call(request.task, request.inputs, request.num_decodes, request.beam_search)
     else:
-        raise ValueError(f"unknown task {request.task!r}: use one of {', '.join([*TASKS, RUN])}")
+        raise unknown_task(request.task)
     checks.check_run_inputs(**call.run_arguments(), max_output_text_len=MAX_OUTPUT_TEXT_LEN)
     return call
 
