@@ -28,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import tokenizer_source, write_random_checkpoint  # noqa: E402
+from bench_vqgan import median_seconds  # noqa: E402
 
 from uio.cli import demo_image  # noqa: E402
 from uio.runner import ModelRunner  # noqa: E402
@@ -46,14 +47,7 @@ def direct_seconds(runner: ModelRunner, image: np.ndarray, batch: int, runs: int
     """Median seconds of one VQA ``run()`` call on ``batch`` examples (after a warm-up call)."""
     task = TASKS["vqa"]
     prompts = [build_prompt(task, QUESTIONS[i % len(QUESTIONS)]) for i in range(batch)]
-    call = lambda: runner.run([image] * batch, prompts, output_text_len=task.output_text_len)  # noqa: E731
-    call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: runner.run([image] * batch, prompts, output_text_len=task.output_text_len), runs)
 
 
 def start_server(args, weights: Path, tokenizer: Path, port: int) -> subprocess.Popen:
