@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from uio import checkpoint, generate
-from uio.model import cpu_kernels, memory
+from uio.accel import cpu_kernels, memory
 from uio.config import CONFIGS, VAE_CONFIG
-from uio.model.hardware import computes_natively
+from uio.accel.hardware import computes_natively
 from uio.model.transformer import UnifiedIO, linear, pack_weight, packed_matmul_supported
 from uio.model.vqgan import Upsample, full_fp32_convolutions
 from uio.processing import preprocess_image
@@ -117,8 +117,8 @@ def streaming_bandwidth(dtype: torch.dtype, device: torch.device) -> float:
     """Bytes/s at which the fastest batch-1 matrix-vector product here streams a large ``dtype``
     weight: what bounds a decoding step. The weight is row-major, column-major, (CPU)
     oneDNN-packed, as the model's steps pack theirs and for one row, and (CPU, fp32) multiplied by
-    uio's kernel (:mod:`uio.model.cpu_kernels`), where it is loaded. On the CPU it lies in huge
-    pages where the system offers them, as the model's weights do (:mod:`uio.model.memory`)."""
+    uio's kernel (:mod:`uio.accel.cpu_kernels`), where it is loaded. On the CPU it lies in huge
+    pages where the system offers them, as the model's weights do (:mod:`uio.accel.memory`)."""
     row_major = memory.empty((16384, 4096), dtype, device).copy_(torch.randn(16384, 4096, device=device))
     column_major = memory.empty((4096, 16384), dtype, device).copy_(row_major.t()).t()
     v = torch.randn(1, 4096, device=device).to(dtype)

@@ -14,14 +14,14 @@ CONFORMANCE = Path(os.environ.get("UIO_CONFORMANCE", _DEFAULT))
 
 def pytest_sessionstart(session) -> None:
     """Build (or wait for) and load uio's CPU kernels before any test, so every test sees one state."""
-    from uio.model import cpu_kernels
+    from uio.accel import cpu_kernels
 
     cpu_kernels.load(wait=True)
 
 
 def pytest_report_header(config) -> str:
     """Whether uio's CPU kernels are built and used."""
-    from uio.model import cpu_kernels
+    from uio.accel import cpu_kernels
 
     return "uio CPU kernels: " + ("loaded" if cpu_kernels.available() else f"not used ({cpu_kernels.failure()})")
 
@@ -29,7 +29,7 @@ def pytest_report_header(config) -> str:
 @pytest.fixture
 def without_cpu_kernel(monkeypatch):
     """Decode with torch's kernels even where uio's CPU kernel is loaded (for tests of those paths)."""
-    from uio.model import cpu_kernels
+    from uio.accel import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "enabled", False)
 

@@ -215,7 +215,7 @@ def test_dense_weights_keep_the_checkpoint_layout_in_fp32_only(conformance, tiny
     """fp32 weights are views of the (in, out) kernels as stored (a plain copy to load), except the
     decoder's where uio's CPU kernels serve its steps (they stream (out, in) rows faster); other
     dtypes get (out, in) copies, which some half-precision CPU kernels need to be fast."""
-    from uio.model import cpu_kernels
+    from uio.accel import cpu_kernels
     from uio.runner import build_model
 
     model = build_model(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin", dtype=dtype)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from uio import checkpoint, cli, draw
-from uio.model import cpu_kernels
+from uio.accel import cpu_kernels
 from uio.runner import ModelRunner
 from uio.tasks import TASKS
 

@@ -82,7 +82,7 @@ def test_container_answers_as_a_user_with_the_kernels_built(engine, image, confo
     assert "compiling uio's CPU kernels" not in result.stderr
 
     # The cache volume must be writable by the image's user (a new volume copies the image's folder).
-    probe = ("import os; from uio import hub; from uio.model import cpu_kernels as k; "
+    probe = ("import os; from uio import hub; from uio.accel import cpu_kernels as k; "
              "(hub.cache_dir() / 'written').touch(); "
              "print(os.getuid(), hub.cache_dir(), k.load() or k.unsupported_reason())")
     result = run_in_container(engine, image, "python", "-c", probe)

@@ -1,4 +1,4 @@
-"""uio's CPU kernels (uio.model.cpu_kernels) against torch: a product, a decoder layer's step, and decoding."""
+"""uio's CPU kernels (uio.accel.cpu_kernels) against torch: a product, a decoder layer's step, and decoding."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from uio.model import cpu_kernels
-from uio.model.hardware import cpu_has_bf16_kernels
+from uio.accel import cpu_kernels
+from uio.accel.hardware import cpu_has_bf16_kernels
 
 
 @pytest.fixture(scope="module")

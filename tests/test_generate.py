@@ -10,7 +10,8 @@ import torch
 
 from uio import generate
 from uio.config import UnifiedIOConfig, VAEConfig
-from uio.model import cpu_kernels, transformer
+from uio.accel import cpu_kernels
+from uio.model import transformer
 from uio.model.transformer import (DecoderCache, StepGraphs, StepTraces, UnifiedIO, decode_step,
                                    packed_matmul_supported)
 

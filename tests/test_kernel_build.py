@@ -1,4 +1,4 @@
-"""Building uio's CPU kernels (uio.model.cpu_kernels.load): a folder per environment and source version,
+"""Building uio's CPU kernels (uio.accel.cpu_kernels.load): a folder per environment and source version,
 builds killed part-way, and first loads that do not wait for the build.
 
 The builds here run in child processes, through a compiler wrapper that holds each compiler call
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uio.model import cpu_kernels
+from uio.accel import cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels.unsupported_reason() is not None or shutil.which("c++") is None,
                                 reason="uio's CPU kernels are not built here")
@@ -28,7 +28,7 @@ TORCH_LIBRARY(uio_build_test, m) { m.def("ping(Tensor x) -> Tensor"); }
 """
 # A child's load: of the small source (argv[1]) with wait=True, or of the kernels without waiting.
 LOAD = """import sys
-from uio.model import cpu_kernels
+from uio.accel import cpu_kernels
 if len(sys.argv) > 1:
     cpu_kernels.SOURCES, cpu_kernels.HEADER = [sys.argv[1]], sys.argv[1]
 loaded = cpu_kernels.load(wait=len(sys.argv) > 1)
@@ -144,10 +144,10 @@ def test_a_first_load_does_not_wait_for_the_build(tmp_path, build_env):
 
 
 def test_the_command_builds_or_loads_the_kernels_and_says_where():
-    """``python -m uio.model.cpu_kernels``, a deployment step: here the build the tests loaded."""
+    """``python -m uio.accel.cpu_kernels``, a deployment step: here the build the tests loaded."""
     if not cpu_kernels.available():
         pytest.skip(f"uio's CPU kernels are not loaded here: {cpu_kernels.failure()}")
-    result = subprocess.run([sys.executable, "-m", "uio.model.cpu_kernels"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "uio.accel.cpu_kernels"], capture_output=True, text=True,
                             timeout=WAIT_S, check=False)
     assert result.stdout.strip() == f"uio's CPU kernels: loaded from {cpu_kernels.build_folder()}", result.stderr
 
@@ -156,7 +156,7 @@ def test_the_command_builds_or_loads_the_kernels_and_says_where():
 def test_the_background_build_yields_the_cpu_across_sessions():
     # The build runs in a session of its own, which Linux schedules as a group beside the user's:
     # only a lowered group nice (not the process's own) keeps it from halving a first call's CPU.
-    lowered = subprocess.run([sys.executable, "-c", "from uio.model import cpu_kernels\n"
+    lowered = subprocess.run([sys.executable, "-c", "from uio.accel import cpu_kernels\n"
                               "cpu_kernels._lower_priority()\nprint(open('/proc/self/autogroup').read())"],
                              capture_output=True, text=True, timeout=WAIT_S, start_new_session=True, check=True)
     assert lowered.stdout.split()[-2:] == ["nice", "19"], lowered.stdout

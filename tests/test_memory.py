@@ -1,4 +1,4 @@
-"""Weight memory in transparent huge pages (uio.model.memory)."""
+"""Weight memory in transparent huge pages (uio.accel.memory)."""
 from __future__ import annotations
 
 import gc
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uio.model import memory
+from uio.accel import memory
 
 needs_huge_pages = pytest.mark.skipif(not memory.huge_pages_available(),
                                       reason="this system offers no transparent huge pages")

@@ -202,7 +202,7 @@ def test_compiled_runner_matches_eager(conformance, runner, test_image):
 def test_bf16_runner_runs_every_output_kind(conformance, test_image, device):
     """bf16 weights (the VQGAN's where the device has bf16 kernels): outputs have the documented
     types and ranges."""
-    from uio.model.hardware import computes_natively
+    from uio.accel.hardware import computes_natively
 
     bf16 = make_runner(conformance, device, dtype="bf16")
     assert bf16.model.token_embedder.weight.dtype == torch.bfloat16
@@ -254,7 +254,7 @@ def test_converted_models_keep_the_packing_asked_for(conformance):
     """``prepack`` holds through ``.to()``: a model is packed whenever it lands on a dtype and
     device packed there, even when loaded on one that is not; never with ``prepack=False``; by
     default where uio's CPU kernels do not serve that dtype's steps."""
-    from uio.model import cpu_kernels
+    from uio.accel import cpu_kernels
     from uio.model.transformer import packed_matmul_supported
 
     if not packed_matmul_supported(torch.float32):

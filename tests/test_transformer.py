@@ -243,7 +243,7 @@ def test_cpu_mlp_of_many_rows_runs_in_pieces_with_the_same_result(rows, pieces, 
 def test_decoder_weights_are_rows_only_where_the_cpu_kernels_stream_them(monkeypatch):
     """fp32 weights are (in, out) views of the checkpoint's kernels, except the decoder's on the CPU
     while uio's CPU kernels serve fp32 steps; other dtypes are always (out, in) rows."""
-    from uio.model import cpu_kernels
+    from uio.accel import cpu_kernels
     from uio.model.transformer import empty_weight, stores_transposed
 
     monkeypatch.setattr(cpu_kernels, "in_use", lambda dtype: dtype == torch.float32)
@@ -427,7 +427,8 @@ def test_every_weight_onednn_multiplies_unpacked_has_contiguous_rows_or_columns(
     far slower reference kernel: every weight a model hands it unpacked, in every call that
     multiplies many rows (projecting the encoding into cross-attention keys/values, encoding,
     scoring answer options), has contiguous rows or columns, with uio's CPU kernels in use or not."""
-    from uio.model import cpu_kernels, transformer
+    from uio.accel import cpu_kernels
+    from uio.model import transformer
     from uio.runner import ModelRunner
 
     if not packed_matmul_supported(torch.float32):

@@ -25,7 +25,7 @@ import msgpack
 import torch
 import numpy as np
 
-from .model import cpu_kernels, memory
+from .accel import cpu_kernels, memory
 from .model.transformer import empty_weight
 from .tree import nest_paths
 
@@ -325,7 +325,7 @@ def _placed_leaf(path: str, leaf: np.ndarray | torch.Tensor, dtype: torch.dtype,
     """One leaf converted for the model: torch layout, ``dtype``, ``device``, contiguous."""
     tensor = to_torch_layout(path, _as_tensor(leaf))
     # One allocation per leaf (a second, freed one would stay in the allocator's heap), in huge
-    # pages on the CPU for those of 64 KiB or more (see uio.model.memory).
+    # pages on the CPU for those of 64 KiB or more (see uio.accel.memory).
     return memory.empty(tuple(tensor.shape), dtype, device).copy_(tensor)
 
 

@@ -17,8 +17,8 @@ import torch
 from . import checks, generate, processing
 from .checkpoint import CheckpointError, load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
-from .model import cpu_kernels
-from .model.hardware import computes_natively
+from .accel import cpu_kernels
+from .accel.hardware import computes_natively
 from .model.transformer import StepTraces, UnifiedIO, wants_packed_copies
 from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
     CAPTIONING_PROMPT, DEPTH_PROMPT, GEN_SEGMENTATION_COLOR_NAMES, GEN_SEGMENTATION_COLORS, IMAGE_GENERATION,
@@ -76,7 +76,7 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
 
     The VQGAN runs in bf16 when ``dtype`` is bf16 (its decoded images stay within ~58 dB PSNR of
     fp32, measured by ``benchmarks/bench_vqgan.py``), except on a CPU without bf16 kernels (see
-    :func:`~uio.model.hardware.computes_natively`), and in fp32 otherwise. With ``prepack``, a CPU
+    :func:`~uio.accel.hardware.computes_natively`), and in fp32 otherwise. With ``prepack``, a CPU
     model also keeps packed copies of the weights a decoding step reads, for faster steps
     (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them); by default (None) only
     where uio's CPU kernels do not serve ``dtype``, as they serve those steps instead. CPU models replay
@@ -126,7 +126,7 @@ class ModelRunner:
     :param seed: seed of the sampler used by image tasks (sampling is deterministic per call)
     :param prepack: on the CPU, keep oneDNN-packed copies of the weights a decoding step reads
         (faster steps, for a third (small) to a half (xl) more weight memory; see :func:`build_model`).
-        By default (None) only where uio's CPU kernels (:mod:`uio.model.cpu_kernels`) are not loaded
+        By default (None) only where uio's CPU kernels (:mod:`uio.accel.cpu_kernels`) are not loaded
         or do not serve the dtype: they serve steps of up to 32 rows, where they are as fast as the
         copies or faster; True keeps them anyway (steps of 33-64 rows ~10% faster)
     :param stop_at_eos: stop decoding text once every sequence has emitted EOS (text outputs

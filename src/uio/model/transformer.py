@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UnifiedIOConfig
-from . import cpu_kernels, memory
+from ..accel import cpu_kernels, memory
 from .embedding import Embedding
-from .hardware import computes_natively, cpu_has_bf16_kernels
-from .state import tensor_state
+from ..accel.hardware import computes_natively, cpu_has_bf16_kernels
+from ..accel.derived import tensor_state
 
 log = logging.getLogger(__name__)
 MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
@@ -135,7 +135,7 @@ class WeightPacker:
 
 def linear(x: Tensor, weight: Tensor, packed: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight)``; for inputs of up to ``cpu_kernels.MAX_ROWS`` rows on the CPU by uio's kernel
-    where it serves them (:mod:`uio.model.cpu_kernels`, ~1.8x faster), else through ``packed`` (:func:`pack_weight` of
+    where it serves them (:mod:`uio.accel.cpu_kernels`, ~1.8x faster), else through ``packed`` (:func:`pack_weight` of
     ``weight``) for inputs of a few rows: on the CPU that is 1.5-2.5x faster (the plain matmul
     re-blocks a half-precision weight on every call, and its fp32 kernel for a few rows gains
     nothing from a second thread); fp32 inputs of many rows by oneDNN (see :func:`_plain_linear`)."""

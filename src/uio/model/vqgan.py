@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from uio.config import VAEConfig
-from uio.model import cpu_kernels
+from uio.accel import cpu_kernels
 from uio.model.embedding import Embedding
-from uio.model.hardware import cpu_has_bf16_kernels
-from uio.model.state import tensor_state
+from uio.accel.hardware import cpu_has_bf16_kernels
+from uio.accel.derived import tensor_state
 
 _GROUPS = 32
 _EPS = 1e-6

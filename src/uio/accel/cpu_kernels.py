@@ -26,8 +26,8 @@ instead. A build holds an OS file lock, which a killed builder cannot leave held
 temporary folder renamed when complete, so a build killed part-way leaves nothing to load; a failed
 build is remembered (its log beside the folder) until the sources, compiler or torch change.
 Without a compiler, or on CPUs without AVX2 and FMA, steps use torch's kernels. ``UIO_CPU_KERNEL=0``
-in the environment skips them; ``uio.model.cpu_kernels.enabled = False`` stops using them (steps
-traced before keep what they traced). ``python -m uio.model.cpu_kernels`` builds them (a deployment
+in the environment skips them; ``uio.accel.cpu_kernels.enabled = False`` stops using them (steps
+traced before keep what they traced). ``python -m uio.accel.cpu_kernels`` builds them (a deployment
 step: a server then starts with them).
 """
 from __future__ import annotations
@@ -57,9 +57,10 @@ except ImportError:  # Windows
 log = logging.getLogger(__name__)
 
 NAME = "uio_cpu_kernels"
-SOURCES = [str(Path(__file__).with_name(name))
+SOURCE_FOLDER = Path(__file__).with_name("csrc")
+SOURCES = [str(SOURCE_FOLDER / name)
            for name in ("gemv.cpp", "decoder_step.cpp", "transpose.cpp", "group_norm.cpp", "cross_entropy.cpp")]
-HEADER = str(Path(__file__).with_name("cpu_kernels.h"))
+HEADER = str(SOURCE_FOLDER / "cpu_kernels.h")
 MAX_ROWS = 32  # rows the kernels take: a decoding step's, up to a batch of 32 (at 64 oneDNN's packed copies win)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp links the libgomp torch has loaded: one runtime
 enabled = True  # False: use torch's kernels even where these are loaded (for comparisons)
@@ -388,7 +389,7 @@ def decoder_layer_step(x: Tensor, weights: list[Tensor], cache: tuple[Tensor, Te
 
 
 def main(argv: list[str]) -> None:
-    """``python -m uio.model.cpu_kernels``: build the kernels (or wait for the build in progress) and
+    """``python -m uio.accel.cpu_kernels``: build the kernels (or wait for the build in progress) and
     say whether this environment uses them; with ``--background``, what :func:`load` starts."""
     if argv == ["--background"]:
         return _build_in_background()

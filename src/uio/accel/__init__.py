@@ -1,0 +1,1 @@
+"""Acceleration: faster versions of the seam's operations (:mod:`uio.model.ops`) and all they keep."""
