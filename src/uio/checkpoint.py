@@ -25,8 +25,6 @@ import msgpack
 import torch
 import numpy as np
 
-from .accel import cpu_kernels, memory
-from .model.transformer import empty_weight
 from .tree import nest_paths
 
 NDARRAY_EXT = 1  # flax's msgpack extension code for numpy arrays
@@ -275,17 +273,31 @@ def validate(params: Mapping[str, np.ndarray] | Mapping[str, tuple], expected: M
             raise CheckpointError(f"{name}: parameter '{path}' has dtype {dtype}, expected a float type")
 
 
+class Placement:
+    """Where :func:`load_into` puts each weight: here a plain contiguous tensor, copied into with
+    torch (the reference); :mod:`uio.accel` lays weights out for speed instead."""
+
+    def empty(self, path: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """An uninitialised tensor for checkpoint leaf ``path`` of (torch) ``shape``."""
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def copy(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """``target.copy_(source)``."""
+        return target.copy_(source)
+
+
 def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: str,
-              dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+              dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+              placement: Placement | None = None) -> torch.nn.Module:
     """Validate ``params`` against ``model`` (which may live on ``meta``) and assign them to it.
 
-    Each leaf is converted one at a time (layout, dtype, device), so peak memory stays at about
-    one copy of the weights beyond what ``params`` itself holds (nothing for a memory map).
-    Parameters the model already holds off ``meta`` (the fused matrices that
-    :meth:`~uio.model.transformer.UnifiedIO.fuse_projections` allocates) are filled in place.
+    Each leaf is converted one at a time (layout, dtype, device) into a tensor of ``placement``
+    (default :class:`Placement`), so peak memory stays at about one copy of the weights beyond
+    what ``params`` itself holds (nothing for a memory map). Parameters the model already holds
+    off ``meta`` (the fused matrices :func:`uio.accel.layout.lay_out` allocates) are filled in place.
     """
     validate(params, expected_params(model), name)
-    dtype = dtype or torch.float32
+    dtype, placement = dtype or torch.float32, placement or Placement()
     state = {}
     with warnings.catch_warnings(), torch.no_grad():
         # The memory-mapped leaves are read-only; they are copied right away, never written.
@@ -293,13 +305,9 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
         for path, leaf in params.items():
             key = torch_key(path)
             target = model.get_parameter(key)
-            if target.is_meta and path.endswith("/kernel") and target.ndim == 2:
-                # in the layout stores_transposed picks
-                target = empty_weight(*target.shape, device, dtype, decoder=path.startswith("decoder/"))
             if target.is_meta:
-                state[key] = _placed_leaf(path, leaf, dtype, device)
-            else:
-                state[key] = _filled(target, path, leaf, dtype, device)
+                target = placement.empty(path, tuple(target.shape), dtype, device)
+            state[key] = _filled(target, path, leaf, dtype, device, placement)
             if isinstance(params, (BinLeaves, SafetensorsLeaves)):
                 params.release(path)
     model.load_state_dict(state, strict=True, assign=True)
@@ -307,26 +315,17 @@ def load_into(model: torch.nn.Module, params: Mapping[str, np.ndarray], name: st
 
 
 def _filled(target: torch.Tensor, path: str, leaf: np.ndarray | torch.Tensor, dtype: torch.dtype,
-            device: str | torch.device) -> torch.Tensor:
+            device: str | torch.device, placement: Placement) -> torch.Tensor:
     """``target``, an allocated parameter, holding ``leaf``."""
     if target.dtype != dtype or target.device.type != torch.device(device).type:
         raise ValueError(f"parameter for '{path}' was allocated as {target.dtype} on {target.device}, "
                          f"but loading was asked for {dtype} on {device}")
     # Moved as stored first: one contiguous transfer to an accelerator, then a copy there.
-    return cpu_kernels.copy(target, to_torch_layout(path, _as_tensor(leaf).to(target.device)))
+    return placement.copy(target, to_torch_layout(path, _as_tensor(leaf).to(target.device)))
 
 
 def _as_tensor(leaf: np.ndarray | torch.Tensor) -> torch.Tensor:
     return leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(leaf)
-
-
-def _placed_leaf(path: str, leaf: np.ndarray | torch.Tensor, dtype: torch.dtype,
-                 device: str | torch.device) -> torch.Tensor:
-    """One leaf converted for the model: torch layout, ``dtype``, ``device``, contiguous."""
-    tensor = to_torch_layout(path, _as_tensor(leaf))
-    # One allocation per leaf (a second, freed one would stay in the allocator's heap), in huge
-    # pages on the CPU for those of 64 KiB or more (see uio.accel.memory).
-    return memory.empty(tuple(tensor.shape), dtype, device).copy_(tensor)
 
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "F64": np.float64, "I32": np.int32,

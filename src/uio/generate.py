@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model.transformer import EncoderOutput, UnifiedIO, decode_step, negative_log_likelihood
+from .model import ops
+from .model.transformer import EncoderOutput, UnifiedIO
 
 BOS, EOS = 0, 1
 BEAM_NEG_INF = -1.0e7  # the reference's NEG_INF for dead beams and filtered logits
@@ -41,12 +42,12 @@ class _Decoder:
     def __init__(self, model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int,
                  rows_per_example: int):
         self.model, self.text_length = model, text_length
-        self.cache = model.graphed_caches.take(model, enc, text_length, image_length, rows_per_example)
+        self.decoding = ops.decoding(model, enc, text_length, image_length, rows_per_example)
         self.start_token = model.cfg.vocab_size - 1
 
     def release(self) -> None:
-        """Done decoding: the model may keep the cache for a later generation of the same shapes."""
-        self.model.graphed_caches.put_back(self.cache)
+        """Done decoding (a faster decoding may keep its cache for a later generation of the same shapes)."""
+        self.decoding.release()
 
     def logits(self, sequences: Tensor, step: int) -> tuple[Tensor, int]:
         """Logits for the next token of each row of ``sequences`` (N, length+1) at ``step``.
@@ -56,11 +57,11 @@ class _Decoder:
         tokens = sequences[:, step]
         if step < self.text_length:
             valid = ~(sequences[:, :step + 1] == EOS).any(dim=1)
-            return decode_step(self.model, self.cache, tokens, step, valid), 0
+            return self.decoding.step(tokens, step, valid), 0
         if step == self.text_length:
             tokens = torch.full_like(tokens, self.start_token)
         valid = torch.ones_like(tokens, dtype=torch.bool)
-        return decode_step(self.model, self.cache, tokens, step, valid), self.model.cfg.vocab_size
+        return self.decoding.step(tokens, step, valid), self.model.cfg.vocab_size
 
 
 def _all_ended(sequences: Tensor, step: int, text_length: int) -> bool:
@@ -92,7 +93,7 @@ def beam_search(model: UnifiedIO, enc: EncoderOutput, text_length: int, image_le
         if num_beams > 1:  # with one beam every row keeps its own history: nothing to reorder
             rows = (row_base + torch.div(top_index, vocab, rounding_mode="floor")).view(-1)
             sequences = sequences.index_select(0, rows)
-            decoder.cache.reorder(rows)
+            decoder.decoding.reorder(rows)
         sequences[:, step + 1] = (top_index % vocab).view(-1) + offset
         if stop_at_eos and _all_ended(sequences, step, text_length):
             break
@@ -178,9 +179,7 @@ class _OptionPass:
 
 
 def _shared_cross_kv(model: UnifiedIO, enc: EncoderOutput) -> list:
-    """The decoder's cross-attention keys/values of ``enc``, projected once for all option passes
-    (from the current weights: see :meth:`UnifiedIO.derive_again_if_replaced`)."""
-    model.derive_again_if_replaced()
+    """The decoder's cross-attention keys/values of ``enc``, projected once for all option passes."""
     return model.decoder.cross_kv(enc.hidden)
 
 
@@ -210,7 +209,7 @@ def _option_losses(model: UnifiedIO, passes: list[_OptionPass], is_image: bool, 
     # Some positions at a time: hundreds of options' logits would take gigabytes at once. (Text
     # rows are the larger part: vocab_size bounds the logits of a position either way.)
     per_chunk = max(1, LOGITS_CHUNK_ELEMS // model.cfg.vocab_size)
-    nll = torch.cat([negative_log_likelihood(h, model.token_embedder, rows, y)
+    nll = torch.cat([ops.negative_log_likelihood(h, model.token_embedder.weight, rows, y)
                      for h, y in zip(hidden.split(per_chunk), targets.split(per_chunk))])
     losses = []
     for p, counted_nll in zip(passes, nll.split([len(p.targets) for p in passes])):

@@ -14,12 +14,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import checks, generate, processing
+from . import accel, checks, generate, processing
 from .checkpoint import CheckpointError, load_checkpoint_file, load_into
 from .config import CONFIGS, VAE_CONFIG, load_config  # noqa: F401  (re-exported like the original)
 from .accel import cpu_kernels
 from .accel.hardware import computes_natively
-from .model.transformer import StepTraces, UnifiedIO, wants_packed_copies
+from .model.transformer import UnifiedIO
 from .tasks import (  # noqa: F401  (the original exposes its prompts and colors from this module)
     CAPTIONING_PROMPT, DEPTH_PROMPT, GEN_SEGMENTATION_COLOR_NAMES, GEN_SEGMENTATION_COLORS, IMAGE_GENERATION,
     IMAGE_INPAINTING, IMAGE_TAGGING, OBJECT_SEGMENTATION, POSE_ESTIMATION, REFEXP_PROMPT, REGION_CAPTION,
@@ -71,42 +71,36 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, prepack: bool | None = None) -> UnifiedIO:
+                dtype: torch.dtype = torch.float32, prepack: bool | None = None, compiled: bool = False) -> UnifiedIO:
     """Build the network for ``size`` (a size name or config JSON) and load ``param_file`` into it.
 
     The VQGAN runs in bf16 when ``dtype`` is bf16 (its decoded images stay within ~58 dB PSNR of
     fp32, measured by ``benchmarks/bench_vqgan.py``), except on a CPU without bf16 kernels (see
-    :func:`~uio.accel.hardware.computes_natively`), and in fp32 otherwise. With ``prepack``, a CPU
-    model also keeps packed copies of the weights a decoding step reads, for faster steps
-    (:meth:`UnifiedIO.prepack_decoder`; ``model.drop_packed()`` frees them); by default (None) only
-    where uio's CPU kernels do not serve ``dtype``, as they serve those steps instead. CPU models replay
-    their decoding steps from traces (:meth:`UnifiedIO.enable_step_traces`; turn them off with
-    ``model.step_traces = None``), CUDA models from CUDA graphs (:class:`~uio.model.transformer.StepGraphs`;
-    ``model.cuda_graphs = False`` turns them off).
+    :func:`~uio.accel.hardware.computes_natively`), and in fp32 otherwise. Unless ``UIO_ACCEL=0``
+    (or :func:`uio.accel.disable`), the acceleration layer lays the weights out and decides how
+    the model runs (:func:`uio.accel.configure`: ``prepack``, traced CPU steps, CUDA graphs,
+    ``compiled``); otherwise it runs on the plain torch reference path.
     """
     device = resolve_device(device)
-    if device.type == "cpu" and cpu_kernels.serves_dtype(dtype):
-        cpu_kernels.load()  # before any step is traced: traces keep the kernels they saw
+    if compiled and not accel.switched_on():
+        raise ValueError("compiled=True needs uio.accel, which UIO_ACCEL=0 or uio.accel.disable() switched off")
     config, vae_config = load_config(size)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
-    model.fuse_projections(device, dtype)  # loading fills the fused matrices: no second copy
-    load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device)
+    placement = accel.prepare(model, device, dtype) if accel.switched_on() else None
+    load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device,
+              placement=placement)
     native_bf16 = computes_natively(torch.bfloat16, device)
     if dtype == torch.bfloat16 and not native_bf16:
         speed = (f"decoding steps of up to {cpu_kernels.MAX_ROWS} rows run uio's CPU kernel (half the bytes of fp32)"
-                 if cpu_kernels.in_use(dtype)
+                 if accel.enabled() and cpu_kernels.in_use(dtype)
                  else "decoding one example at a time is faster than in fp32, batches slower")
         log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): bf16 halves the weights' memory and %s; "
                     "the VQGAN stays in fp32", speed)
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 and native_bf16 else torch.float32)
-    if wants_packed_copies(prepack, dtype, device):
-        model.prepack_decoder()
-    model.keeps_packed = prepack  # decided again for the dtype and device of each conversion (.to())
     model.eval().requires_grad_(False)
-    if device.type == "cpu" and StepTraces.available:
-        model.enable_step_traces()
-    model.cuda_graphs = device.type == "cuda"
+    if accel.enabled():
+        accel.configure(model, prepack, compiled)
     return model
 
 
@@ -153,9 +147,7 @@ class ModelRunner:
         self.stop_at_eos = stop_at_eos
         self.tokenizer = tokenizer if isinstance(tokenizer, T5Tokenizer) else load_tokenizer(
             tokenizer, model_max_length=256)
-        self.model = build_model(size, param_file, device, dtype, prepack=False if compiled else prepack)
-        if compiled:
-            self.model.enable_compile()
+        self.model = build_model(size, param_file, device, dtype, prepack=prepack, compiled=compiled)
 
     @property
     def device(self) -> torch.device:

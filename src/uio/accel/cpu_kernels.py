@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .hardware import cpu_has_bf16_kernels
+from .policy import KERNEL_MAX_ROWS
 
 try:
     import fcntl
@@ -61,7 +62,7 @@ SOURCE_FOLDER = Path(__file__).with_name("csrc")
 SOURCES = [str(SOURCE_FOLDER / name)
            for name in ("gemv.cpp", "decoder_step.cpp", "transpose.cpp", "group_norm.cpp", "cross_entropy.cpp")]
 HEADER = str(SOURCE_FOLDER / "cpu_kernels.h")
-MAX_ROWS = 32  # rows the kernels take: a decoding step's, up to a batch of 32 (at 64 oneDNN's packed copies win)
+MAX_ROWS = KERNEL_MAX_ROWS  # rows the kernels take (see uio.accel.policy)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp links the libgomp torch has loaded: one runtime
 enabled = True  # False: use torch's kernels even where these are loaded (for comparisons)
 _lock = threading.Lock()

@@ -14,6 +14,7 @@ import weakref
 from collections import OrderedDict
 from typing import Callable, Hashable, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -35,7 +36,9 @@ class DerivedForms:
         self._forms: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
         self._limits: dict[str, tuple[int | None, int | None]] = {}
         self._watched: set[tuple] = set()  # names whose sources drop them when freed
-        self._lock = threading.Lock()  # calls may run from several threads at once
+        # Calls may run from several threads at once; freeing a form can free a source, whose
+        # finalizer drops its forms from within a locked section.
+        self._lock = threading.RLock()
 
     def get(self, kind: str, sources: Sequence[Tensor], make: Callable[[], object], key: Hashable = (),
             create: bool = True) -> object:
@@ -50,7 +53,9 @@ class DerivedForms:
                 return kept[1]
         if kept is None and not create:
             return None
-        form = make()
+        # A normal tensor whatever mode this call runs in: later calls may run outside inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            form = make()
         with self._lock:
             if sources and name not in self._watched:
                 self._watched.add(name)
@@ -67,7 +72,12 @@ class DerivedForms:
     def forms(self, kind: str) -> list:
         """The forms of ``kind`` kept now, least recently used first."""
         with self._lock:
-            return [form for (k, *_), (_, form) in self._forms.items() if k == kind]
+            return [form for (k, *_), (_, form) in list(self._forms.items()) if k == kind]
+
+    def discard(self, kind: str, sources: Sequence[Tensor], key: Hashable = ()) -> None:
+        """Forget the form :meth:`get` keeps under these names, if any."""
+        with self._lock:
+            self._forms.pop((kind, *map(id, sources), key), None)
 
     def clear(self, kind: str | None = None) -> None:
         """Forget every form (of ``kind``): they are made again on their next use."""
@@ -90,7 +100,7 @@ class DerivedForms:
         while len(names) > 1 and ((count is not None and len(names) > count) or (nbytes is not None and total > nbytes)):
             oldest = names.pop(0)
             total -= sizes[oldest]
-            del self._forms[oldest]
+            self._forms.pop(oldest, None)
 
 
 FORMS = DerivedForms()

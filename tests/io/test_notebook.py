@@ -11,7 +11,7 @@ import pytest
 
 from uio.tasks import TASKS
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "demo.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "demo.ipynb"
 MISSING_EXTRA = 'the notebook extra is not installed (pip install -e ".[notebook]")'
 
 

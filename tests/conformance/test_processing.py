@@ -12,7 +12,7 @@ import pytest
 from uio import processing as P
 
 _CONFORMANCE = Path(os.environ.get(
-    "UIO_CONFORMANCE", Path(__file__).resolve().parents[2] / "shared" / "conformance"))
+    "UIO_CONFORMANCE", Path(__file__).resolve().parents[3] / "shared" / "conformance"))
 
 
 def _npz_keys(name: str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from uio.tokenizer import T5Tokenizer, clean_up_tokenization, load_tokenizer
 
 # Same location rule as conftest's ``conformance`` fixture; only used to build parameters.
-_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+_DEFAULT = Path(__file__).resolve().parents[3] / "shared" / "conformance"
 CASES_FILE = Path(os.environ.get("UIO_CONFORMANCE", _DEFAULT)) / "tokenizer" / "cases.json"
 
 
