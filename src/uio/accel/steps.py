@@ -72,7 +72,7 @@ class AcceleratedDecoding(Decoding):
         self.traces = FORMS.get("step traces", weights, StepTraces) if tracing else None
         dtype = attention_dtype(model, enc.hidden, enc.hidden.shape[0] * rows_per_example)
         self.pool = None
-        if self.settings.cuda_graphs and weight.device.type == "cuda":
+        if self.settings.cuda_graphs:  # on a GPU only: configure and conversions (converted) see to it
             self.pool = FORMS.get("graphed caches", weights, GraphedCaches)
             self.cache = self.pool.take(model, enc, text_length, image_length, rows_per_example, dtype)
         else:
@@ -307,4 +307,15 @@ def compile_model(model: UnifiedIO) -> None:
     settings(model).compiled = True
 
 
-FAST_OPS = {"decoding": AcceleratedDecoding}
+def converted(model: UnifiedIO) -> None:
+    """Lay the converted weights out again (:func:`uio.accel.transformer_ops.converted`); a model whose
+    steps are traced or graphed then traces them on the CPU and graphs them on a GPU, as
+    :func:`uio.accel.configure` decides at load."""
+    transformer_ops.converted(model)
+    chosen, device = settings(model), model.token_embedder.weight.device
+    if chosen.step_traces or chosen.cuda_graphs:
+        chosen.step_traces = device.type == "cpu" and StepTraces.available
+        chosen.cuda_graphs = device.type == "cuda"
+
+
+FAST_OPS = {"decoding": AcceleratedDecoding, "converted": converted}
