@@ -68,7 +68,9 @@ class AcceleratedDecoding(Decoding):
         wants_packed = packing.wants_packed_copies(self.settings.prepack, weight.dtype, weight.device)
         self.packed = transformer_ops.pack_step_weights(model) if wants_packed else []
         self.compiled = FORMS.get("compiled step", weights, _compiled_step) if self.settings.compiled else None
-        tracing = on_cpu and self.settings.step_traces and StepTraces.available and self.compiled is None
+        # A trace holds the weights as constants, which cannot want gradients: those steps run eagerly.
+        frozen = not any(w.requires_grad for w in weights)
+        tracing = on_cpu and self.settings.step_traces and StepTraces.available and self.compiled is None and frozen
         self.traces = FORMS.get("step traces", weights, StepTraces) if tracing else None
         dtype = attention_dtype(model, enc.hidden, enc.hidden.shape[0] * rows_per_example)
         self.pool = None
