@@ -419,6 +419,12 @@ class UnifiedIO(nn.Module):
             ops.converted(self)
         return self
 
+    def __setstate__(self, state):
+        # Deep copies clone each parameter on its own (views of one matrix become matrices of their
+        # own), as unpickling may: the seam may lay them out again.
+        super().__setstate__(state)
+        ops.converted(self)
+
     def output_rows(self, is_image: bool) -> slice:
         """The embedding rows a decoding step scores: image ids or text ids."""
         return slice(self.cfg.vocab_size, None) if is_image else slice(0, self.cfg.vocab_size)
