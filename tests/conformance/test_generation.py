@@ -1,9 +1,11 @@
-"""Beam search, sampling and answer-option scoring against the reference (with acceleration on and off)."""
+"""Beam search, sampling and answer-option scoring against the reference, and generation options
+on a small random network (with acceleration on and off)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from small_models import random_encoding, random_model
 
 from uio import generate
 
@@ -133,3 +135,79 @@ def test_image_answer_options(tiny_model, golden, average, skip):
     losses = generate.score_image_options(tiny_model, enc, codes, masks, average_loss=bool(average))
     np.testing.assert_allclose(losses.numpy(), a[f"image/avg{average}/all_scores"], atol=SCORE_ATOL, rtol=1e-4)
 
+
+# Oracle-free: the semantics of generation options on a small random network, on both paths.
+
+
+@pytest.fixture(scope="module")
+def small_model(accel_mode):
+    """A small random network built on this module's path (laid out by uio.accel, or plain)."""
+    return random_model()
+
+
+def force_eos(monkeypatch, steps: list[int]) -> list[int]:
+    """Make row ``r`` of every step's logits pick EOS at step ``steps[r]``; returns the list of
+    steps run, which grows as decoding goes."""
+    run, real_logits = [], generate._Decoder.logits
+
+    def logits_forcing_eos(decoder, sequences, step):
+        logits, offset = real_logits(decoder, sequences, step)
+        run.append(step)
+        for row, at in enumerate(steps):
+            if step == at:
+                logits[row, generate.EOS] = 1e4
+        return logits, offset
+
+    monkeypatch.setattr(generate._Decoder, "logits", logits_forcing_eos)
+    return run
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "sampling"])
+def test_stop_at_eos_skips_the_steps_after_every_sequence_ended(small_model, monkeypatch, decoding):
+    """Row 0 ends at step 2, row 1 at step 4: decoding stops after step 4 (of 8 text steps and
+    one image step), with the full run's tokens up to there, zeros after, and the scores of a
+    run of those 5 steps only."""
+    model = small_model
+    enc = random_encoding(model, 2, 5)
+    steps_run = force_eos(monkeypatch, [2, 4])
+
+    def decode(text_length: int, image_length: int, **kwargs) -> generate.Generation:
+        if decoding == "greedy":
+            return generate.beam_search(model, enc, text_length, image_length, **kwargs)
+        return generate.sample(model, enc, text_length, image_length, generator=torch.Generator().manual_seed(3),
+                               **kwargs)
+
+    full = decode(8, 1)
+    assert steps_run == list(range(9))
+    steps_run.clear()
+    stopped = decode(8, 1, stop_at_eos=True)
+    assert steps_run == list(range(5))
+    assert stopped.tokens.shape == full.tokens.shape
+    assert torch.equal(stopped.tokens[..., :5], full.tokens[..., :5]) and not stopped.tokens[..., 5:].any()
+    assert (stopped.tokens[..., :5] == generate.EOS).any(-1).all()
+    torch.testing.assert_close(stopped.scores, decode(5, 0).scores)
+
+
+def test_stop_at_eos_stops_beam_search_once_every_beam_ended(small_model, monkeypatch):
+    model = small_model
+    steps_run = force_eos(monkeypatch, [5] * 4)  # 2 examples x 2 beams
+    beams = generate.beam_search(model, random_encoding(model, 2, 5), 8, 1, num_beams=2, stop_at_eos=True)
+    assert steps_run == list(range(6))
+    assert (beams.tokens[..., :6] == generate.EOS).any(-1).all() and not beams.tokens[..., 6:].any()
+
+
+@pytest.mark.parametrize("max_options", [1, 2, 800])
+@pytest.mark.parametrize("average", [False, True])
+def test_text_options_of_different_lengths_score_as_padded_ones(small_model, max_options, average):
+    """Options decoded by length without their padding get the losses of the teacher-forced
+    pass over all of them padded to the longest (positions past an option's own EOS masked)."""
+    model = small_model
+    enc = random_encoding(model, 2, 5)
+    options = torch.tensor([[5, 6, 1, 0, 0], [7, 1, 0, 0, 0], [8, 9, 10, 11, 1], [12, 1, 0, 0, 0], [13, 14, 1, 0, 0]])
+    losses = generate.score_text_options(model, enc, options, max_options, average)
+    inputs, targets, mask = (x.repeat(2, 1) for x in generate._text_option_batch(options))
+    with torch.inference_mode():
+        logits = model.decode(enc, inputs, inputs[:, :0], mask, inputs[:, :0])[..., :model.cfg.vocab_size]
+    nll = -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0] * mask
+    expected = nll.sum(1) / mask.sum(1) if average else nll.sum(1)
+    torch.testing.assert_close(losses, expected.view(2, 5), rtol=1e-5, atol=1e-5)
