@@ -429,9 +429,9 @@ def test_decoder_layer_kernel_leaves_steps_that_want_gradients_to_torch(kernel):
 def test_decoder_layer_kernel_refuses_what_it_does_not_compute(kernel):
     layer = random_decoder_layer(64, 3, 32, 128, seed=0)
     keys, cross = torch.zeros(2, 3, 4, 32), torch.zeros(1, 3, 5, 32)
-    bias = torch.zeros(1, 1, 1, 4)
+    bias, first_position = torch.zeros(1, 1, 1, 4), torch.tensor([0])
 
-    def call(x, keys=keys, index=torch.tensor([0])):
+    def call(x, keys=keys, index=first_position):
         return cpu_kernels.decoder_layer_step(x, transformer_ops.kernel_weights(layer), (keys, keys.clone(), index), bias,
                                               (cross, cross), torch.zeros(1, 1, 1, 5), 1e-6)
 

@@ -259,8 +259,9 @@ def test_encoder_keeps_position_biases_for_later_calls_of_the_same_shapes(tiny_m
     go with the weights they were made from."""
     model = copy.deepcopy(tiny_model)
     encoder, (tokens, images, _, masks) = model.encoder, encoder_inputs
-    made, compute = [], encoder._position_bias
-    monkeypatch.setattr(encoder, "_position_bias", lambda *args: made.append(args[0]) or compute(*args))
+    made = []
+    monkeypatch.setattr(encoder, "_position_bias", lambda *args, compute=encoder._position_bias:
+                        made.append(args[0]) or compute(*args))
     with torch.inference_mode():
         first = model.encode(tokens, images, None, masks)
         again = model.encode(tokens, images, None, masks)
@@ -286,7 +287,7 @@ def test_encoder_keeps_position_biases_for_later_calls_of_the_same_shapes(tiny_m
         model.encode(tokens[:, :-2], images, None, masks)
         model.encode(tokens[:, :-3], images, None, masks)
     assert len(made) == 7 and len(kept_biases()) == 1
-    del model, encoder, compute
+    del model, encoder
     monkeypatch.undo()  # the patched method held the encoder
     gc.collect()
     assert kept_biases() == []  # freed with the weights
