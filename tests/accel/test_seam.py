@@ -59,6 +59,9 @@ def test_disabled_gives_the_reference_operations_within_and_what_was_before_afte
     with pytest.raises(RuntimeError, match="inside"), accel.disabled():
         raise RuntimeError("inside")
     assert ops.registered() == registered
+    with accel.disabled():
+        accel.enable()  # switched on within: off again after, where it was off before
+    assert ops.registered() == registered and accel.switched_on() == (before == "enabled")
 
 
 # Run by a child process with UIO_ACCEL=0: the model it builds, on the reference path, and its tokens.
