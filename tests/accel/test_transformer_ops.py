@@ -256,9 +256,13 @@ def test_encoder_keeps_position_biases_for_later_calls_of_the_same_shapes(tiny_m
     """A second encoding of the same shapes reuses the first's position biases (the same outputs);
     another prompt length or padding, or an in-place weight update, makes them again (in place of
     the stale ones); the kept ones stay within POSITION_BIAS_CACHE_BYTES (at least the last); they
-    go with the weights they were made from."""
+    go with the weights they were made from, and copies of a model make their own."""
+    tokens, images, _, masks = encoder_inputs
+    with torch.inference_mode():
+        tiny_model.encode(tokens, images, None, masks)
+    assert len(kept_biases()) == 1
     model = copy.deepcopy(tiny_model)
-    encoder, (tokens, images, _, masks) = model.encoder, encoder_inputs
+    encoder = model.encoder
     made = []
     monkeypatch.setattr(encoder, "_position_bias", lambda *args, compute=encoder._position_bias:
                         made.append(args[0]) or compute(*args))
@@ -269,14 +273,14 @@ def test_encoder_keeps_position_biases_for_later_calls_of_the_same_shapes(tiny_m
         model.encode(tokens, images, None, masks, skip_padding=True)
         model.encode(tokens, images, None, masks, skip_padding=True)
     length = tokens.shape[1]
-    assert made == [length, length - 1, length] and len(kept_biases()) == 3
+    assert made == [length, length - 1, length] and len(kept_biases()) == 4
     assert torch.equal(again.hidden, first.hidden)
     assert not any(bias.is_inference() for bias in kept_biases())  # usable outside inference mode
     with torch.no_grad():
         encoder.position_q_linear.weight.mul_(1.5)  # in place: a new version of the weight
     with torch.inference_mode():
         updated = model.encode(tokens, images, None, masks)
-    assert len(made) == 4 and len(kept_biases()) == 3  # made again, in place of the stale ones
+    assert len(made) == 4 and len(kept_biases()) == 4  # made again, in place of the stale ones
     with torch.inference_mode():
         FORMS.clear(BIASES)
         computed = model.encode(tokens, images, None, masks)  # made anew
