@@ -171,17 +171,25 @@ def test_stop_at_eos_gives_the_same_text_in_fewer_steps(runner, test_image, monk
     """With EOS forced at step 2, a VQA call stops after 3 of its 33 steps: same text, a score
     over those steps only; image outputs still decode every step."""
     from uio import generate
+    from uio.model import ops
 
-    steps_run, real_step = [], generate.decode_step
+    steps_run, real_decoding = [], ops.decoding
 
-    def step_ending_at_2(model, cache, tokens, step, valid):
-        logits = real_step(model, cache, tokens, step, valid)
-        steps_run.append(step)
-        if step == 2:
-            logits[:, generate.EOS] = 1e4
-        return logits
+    def decoding_ending_at_2(*args):
+        decoding = real_decoding(*args)
+        real_step = decoding.step
 
-    monkeypatch.setattr(generate, "decode_step", step_ending_at_2)
+        def step_ending_at_2(tokens, step, valid):
+            logits = real_step(tokens, step, valid)
+            steps_run.append(step)
+            if step == 2:
+                logits[:, generate.EOS] = 1e4
+            return logits
+
+        decoding.step = step_ending_at_2
+        return decoding
+
+    monkeypatch.setattr(ops, "decoding", decoding_ending_at_2)
     vqa = lambda: runner.run([test_image], ["what is this ?"], output_text_len=32)  # noqa: E731
     full, full_depth = vqa(), runner.depth(test_image)
     assert len(steps_run) == 33 + 257
