@@ -39,12 +39,12 @@ COPY src /src/src
 # The serve extra brings the HTTP server's dependencies (`uio serve`).
 RUN pip install "/src[serve]" && rm -rf /src
 
-# Build uio's CPU kernels now, so that no container compiles them when it starts: torch keeps the build
-# in $TORCH_EXTENSIONS_DIR and loads it from there (each load runs ninja, which finds it up to date). The
-# compiler stays: without it the kernels still load, but torch warns at every start that it cannot find
-# one. The folder belongs to the user because torch takes a lock file in it on every load.
-RUN python -c "import sys; from uio.model import cpu_kernels as k; \
-sys.exit(0 if k.load() or k.unsupported_reason() else f'uio CPU kernels: {k.failure()}')" \
+# Build uio's CPU kernels now (wait=True: here, not in a background process), so that no container
+# compiles them when it starts: they are kept in $TORCH_EXTENSIONS_DIR, in a folder named by the
+# compiler among other things, so the compiler stays (without one uio does not use the kernels). The
+# folder belongs to the user because every load takes the build's lock file there.
+RUN python -c "import sys; from uio.accel import cpu_kernels as k; \
+sys.exit(0 if k.load(wait=True) or k.unsupported_reason() else f'uio CPU kernels: {k.failure()}')" \
     && mkdir -p "$TORCH_EXTENSIONS_DIR" && chown -R uio:uio "$TORCH_EXTENSIONS_DIR"
 
 USER uio

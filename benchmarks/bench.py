@@ -39,7 +39,8 @@ from uio import checkpoint, generate
 from uio.accel import cpu_kernels, memory
 from uio.config import CONFIGS, VAE_CONFIG
 from uio.accel.hardware import computes_natively
-from uio.model.transformer import UnifiedIO, linear, pack_weight, packed_matmul_supported
+from uio.accel.packing import onednn_linear, pack_weight, packed_matmul_supported, unpacked_linear
+from uio.model.transformer import UnifiedIO
 from uio.model.vqgan import Upsample, full_fp32_convolutions
 from uio.processing import preprocess_image
 from uio.runner import ModelRunner, resolve_dtype
@@ -102,7 +103,7 @@ def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
     a, b = (torch.randn(shape, dtype=dtype, device=device) for shape in ((1024, 2048), (2048, 2048)))
     products = [lambda: a @ b]
     if device.type == "cpu" and dtype == torch.float32 and packed_matmul_supported(dtype):
-        products.append(lambda: linear(a, b.T))  # oneDNN (other dtypes: torch's matmul again)
+        products.append(lambda: unpacked_linear(a, b.T))  # oneDNN (other dtypes: torch's matmul again)
     return 2 * 1024 * 2048 * 2048 / min(best_time(product, device) for product in products)
 
 
@@ -129,7 +130,7 @@ def streaming_bandwidth(dtype: torch.dtype, device: torch.device) -> float:
         # Blocked for one row, oneDNN streams this matrix ~1.5x faster than as the model's
         # steps pack their (narrower) ones, for up to 16 rows.
         for packed in (pack_weight(row_major), pack_weight(row_major, rows=1)):
-            products.append(lambda packed=packed: linear(v, row_major, packed))
+            products.append(lambda packed=packed: onednn_linear(v, packed))
     bytes_read = row_major.numel() * row_major.element_size()
     return max(bytes_read / best_time(product, device) for product in products)
 

@@ -23,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from uio import generate
 from uio.config import CONFIGS
-from uio.model.transformer import DecoderCache, decode_step
+from uio.accel import settings
+from uio.model import ops
 
 import bench
 
@@ -66,18 +67,19 @@ def profile_dtype(args, dtype: str, checkpoint_path: Path) -> None:
     enc = runner._encode([image], ["what color is the sofa ?"], None)
     print(f"\n## {args.size} {dtype}{' compiled' if args.compile else ''}", flush=True)
 
-    def steps(cache, first: int, count: int):
+    def steps(first: int, count: int):
+        decoding = ops.decoding(model, enc, 32, 256, 1)  # graphed or not, as the model's settings say now
         tokens = torch.zeros(1, dtype=torch.long, device=device)
         valid = torch.ones(1, dtype=torch.bool, device=device)
-        return lambda: [decode_step(model, cache, tokens, s, valid) for s in range(first, first + count)]
+        return lambda: [decoding.step(tokens, s, valid) for s in range(first, first + count)]
 
-    graphs = model.cuda_graphs
-    model.cuda_graphs = False
-    eager = steps(DecoderCache(model, enc, 32, 256), 32, 32)
+    graphs = settings(model).cuda_graphs
+    settings(model).cuda_graphs = False
+    eager = steps(32, 32)
     print("eager image steps:\n" + kernel_table(eager, 32, device))
     print(f"eager image step: {per_call(eager, 5, device) / 32 * 1e3:.3f} ms")
-    model.cuda_graphs = graphs
-    replay = steps(DecoderCache(model, enc, 32, 256), 32, 32)
+    settings(model).cuda_graphs = graphs
+    replay = steps(32, 32)
     print(f"graph replay of an image step: {per_call(replay, 5, device) / 32 * 1e3:.3f} ms")
     print("graphed image steps:\n" + kernel_table(replay, 32, device, rows=6))
     sampling = lambda: generate.sample(model, enc, 1, 256)  # noqa: E731

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from uio.accel import cpu_kernels
+from uio.accel import cpu_kernels, layout, packing, transformer_ops
 from uio.accel.hardware import cpu_has_bf16_kernels
 
 
@@ -77,8 +77,6 @@ def test_an_output_is_summed_alike_wherever_its_weight_row_lies(kernel, rows):
 
 
 def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
-    from uio.model.transformer import linear
-
     weight, x = stored_in_out(64, 32), torch.randn(8, 32)
     assert cpu_kernels.serves(x, weight) and cpu_kernels.serves(x[:1], weight.T.contiguous().T)
     assert cpu_kernels.serves(torch.randn(cpu_kernels.MAX_ROWS, 32), weight)
@@ -90,7 +88,7 @@ def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
     assert not cpu_kernels.serves(x, trained)  # gradients wanted: the kernel has no backward
     with torch.no_grad():
         assert cpu_kernels.serves(x, trained)
-    linear(x, trained).sum().backward()
+    transformer_ops.linear(x, trained).sum().backward()
     torch.testing.assert_close(trained.grad, x.sum(0).expand(64, 32))
     monkeypatch.setattr(cpu_kernels, "enabled", False)
     assert not cpu_kernels.serves(x, weight)
@@ -100,11 +98,20 @@ def test_kernel_serves_only_what_it_computes(kernel, monkeypatch):
         torch.ops.uio_cpu.gemv(x.double(), weight.double())
 
 
+def packed_copies(model) -> list[torch.Tensor]:
+    """The packed copies of ``model``'s decoding-step weights made so far (uio.accel.derived.FORMS)."""
+    copies = []
+    for weights, rows in transformer_ops.step_weight_groups(model):
+        matrix = transformer_ops.fused(weights)
+        packed = None if matrix is None else transformer_ops.packed_copy(weights, matrix[slice(*rows or (None,))], rows)
+        copies += [] if packed is None else [packed]
+    return copies
+
+
 @pytest.mark.parametrize("examples", [2, 5])  # 4 and 10 rows a step
 def test_decoding_with_the_kernel_gives_torchs_results(kernel, conformance, test_image, monkeypatch, examples):
     """Same outputs; and runners keep packed weight copies by default only where the kernels do not
     serve their steps."""
-    from uio.model.transformer import packed_matmul_supported
     from uio.runner import ModelRunner
 
     def run(**kwargs) -> tuple[dict, bool]:
@@ -112,15 +119,15 @@ def test_decoding_with_the_kernel_gives_torchs_results(kernel, conformance, test
                              tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False, **kwargs)
         prompts = ["what is on the left ?", "describe"] * examples
         return (runner.run([test_image] * examples, prompts[:examples], output_text_len=6, generate_image=True,
-                           num_decodes=2), bool(runner.model.packed_weights()))
+                           num_decodes=2), bool(packed_copies(runner.model)))
 
     with_kernel, packed = run()
     assert not packed
     monkeypatch.setattr(cpu_kernels, "enabled", False)
     without, packed = run()
-    assert packed == packed_matmul_supported(torch.float32)
+    assert packed == packing.packed_matmul_supported(torch.float32)
     monkeypatch.setattr(cpu_kernels, "enabled", True)
-    assert run(prepack=True)[1] == packed_matmul_supported(torch.float32)
+    assert run(prepack=True)[1] == packing.packed_matmul_supported(torch.float32)
     for key in ("text_tokens", "image_tokens"):
         np.testing.assert_array_equal(with_kernel[key], without[key])
     np.testing.assert_allclose(with_kernel["score"], without["score"], rtol=1e-5)
@@ -135,7 +142,7 @@ def test_a_cpu_without_avx2_builds_nothing_and_decodes_as_the_kernels_do(kernel,
     def run() -> dict:
         runner = ModelRunner(conformance / "tiny" / "config.json", conformance / "tiny" / "tiny.bin",
                              tokenizer=conformance / "tokenizer" / "spiece.model", log_inputs=False)
-        assert runner.model.packed_weights() == [] and cpu_kernels.in_use(torch.float32) == with_kernels
+        assert packed_copies(runner.model) == [] and cpu_kernels.in_use(torch.float32) == with_kernels
         return runner.run([test_image] * 2, ["what is on the left ?", "describe"], output_text_len=6,
                           generate_image=True, num_decodes=2)
 
@@ -305,9 +312,21 @@ def random_decoder_layer(emb_dim: int, heads: int, head_dim: int, mlp_dim: int, 
         for name, p in layer.named_parameters():
             p.copy_(1 + 0.2 * torch.randn(p.shape) if "norm" in name else torch.randn(p.shape) / p.shape[-1] ** 0.5)
         layer.to(dtype)
-        for module in (layer.self_attention, layer.encoder_decoder_attention, layer.mlp):
-            module.fuse(decoder=decoder)
+    attention, cross, mlp = layer.self_attention, layer.encoder_decoder_attention, layer.mlp
+    for linears, as_rows in (([attention.query, attention.key, attention.value], False),
+                             ([cross.query, cross.key, cross.value], True), ([mlp.wi_0, mlp.wi_1], False)):
+        layout.fuse_weights(linears, "cpu", dtype, decoder, as_rows)
     return layer.requires_grad_(False)
+
+
+def kernel_takes_step(layer, x: torch.Tensor, cross_kv: list[torch.Tensor],
+                      cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """The step of ``layer`` by uio's layer kernel (on copies of the caches, unmasked), where the
+    fast decoder_layer_step gives it to the kernel; None where it leaves the step to torch."""
+    keys, values, index = cache
+    self_bias, cross_bias = torch.zeros(1, 1, 1, keys.shape[2]), torch.zeros(1, 1, 1, cross_kv[0].shape[2])
+    return transformer_ops.decoder_layer_step(layer, x, (keys.clone(), values.clone(), index), self_bias, cross_kv,
+                                              cross_bias)
 
 
 def skip_unless_layer_kernel_serves(dtype: torch.dtype) -> None:
@@ -349,7 +368,7 @@ def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples
         torch.set_num_threads(threads)
         cpu_kernels.enabled = enabled
         try:
-            assert (layer._kernel_weights_for_step(x, cross_kv, cache) is not None) == enabled
+            assert (kernel_takes_step(layer, x, cross_kv, cache) is not None) == enabled
             return layer(x, self_bias, cross_kv, cross_bias, cache), *cache[:2]
         finally:
             cpu_kernels.enabled = True
@@ -379,15 +398,15 @@ def test_bf16_caches_give_what_float32_caches_of_the_same_values_give(kernel, ro
     def step(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         cache = (keys.to(dtype), values.to(dtype), torch.tensor([7]))
         caches = [t.to(dtype) for t in cross_kv]
-        assert layer._kernel_weights_for_step(x, caches, cache) is not None
+        assert kernel_takes_step(layer, x, caches, cache) is not None
         return layer(x, self_bias, caches, cross_bias, cache), *cache[:2]
 
     for narrow, wide in zip(step(torch.bfloat16), step(torch.float32)):
         assert torch.equal(narrow.float(), wide.float())
     mixed = (keys, values, torch.tensor([7]))
-    assert layer._kernel_weights_for_step(x, cross_kv[:1] + [cross_kv[1].float()], mixed) is None
+    assert kernel_takes_step(layer, x, cross_kv[:1] + [cross_kv[1].float()], mixed) is None
     with pytest.raises(RuntimeError, match=r"cross_values must be BFloat16 \(as the keys\)"):
-        cpu_kernels.decoder_layer_step(x, layer.kernel_weights(), mixed, self_bias, (cross_kv[0], cross_kv[1].float()),
+        cpu_kernels.decoder_layer_step(x, transformer_ops.kernel_weights(layer), mixed, self_bias, (cross_kv[0], cross_kv[1].float()),
                                        cross_bias, 1e-6)
 
 
@@ -395,25 +414,25 @@ def test_decoder_layer_kernel_leaves_steps_that_want_gradients_to_torch(kernel):
     layer = random_decoder_layer(64, 3, 32, 128, seed=0)
     x, keys, cross_kv = torch.randn(1, 1, 64), torch.zeros(1, 3, 4, 32), [torch.zeros(1, 3, 5, 32)] * 2
     cache = (keys, keys.clone(), torch.tensor([0]))
-    assert layer._kernel_weights_for_step(x, cross_kv, cache) is not None
+    assert kernel_takes_step(layer, x, cross_kv, cache) is not None
     layer.mlp.wo.weight.requires_grad_(True)
-    assert layer._kernel_weights_for_step(x, cross_kv, cache) is None  # the kernel has no backward
+    assert kernel_takes_step(layer, x, cross_kv, cache) is None  # the kernel has no backward
     with torch.no_grad():
-        assert layer._kernel_weights_for_step(x, cross_kv, cache) is not None
-    assert layer._kernel_weights_for_step(x.double(), cross_kv, cache) is None
-    assert layer._kernel_weights_for_step(x.bfloat16(), cross_kv, cache) is None  # weights in another dtype
-    assert layer._kernel_weights_for_step(torch.randn(9, 1, 64), cross_kv, cache) is None  # more rows than it takes
+        assert kernel_takes_step(layer, x, cross_kv, cache) is not None
+    assert kernel_takes_step(layer, x.double(), cross_kv, cache) is None
+    assert kernel_takes_step(layer, x.bfloat16(), cross_kv, cache) is None  # weights in another dtype
+    assert kernel_takes_step(layer, torch.randn(9, 1, 64), cross_kv, cache) is None  # more rows than it takes
     layer.mlp.wo.weight = torch.nn.Parameter(torch.randn(64, 256)[:, ::2], requires_grad=False)
-    assert layer._kernel_weights_for_step(x, cross_kv, cache) is None  # neither its rows nor columns contiguous
+    assert kernel_takes_step(layer, x, cross_kv, cache) is None  # neither its rows nor columns contiguous
 
 
 def test_decoder_layer_kernel_refuses_what_it_does_not_compute(kernel):
     layer = random_decoder_layer(64, 3, 32, 128, seed=0)
     keys, cross = torch.zeros(2, 3, 4, 32), torch.zeros(1, 3, 5, 32)
-    bias = torch.zeros(1, 1, 1, 4)
+    bias, first_position = torch.zeros(1, 1, 1, 4), torch.tensor([0])
 
-    def call(x, keys=keys, index=torch.tensor([0])):
-        return cpu_kernels.decoder_layer_step(x, layer.kernel_weights(), (keys, keys.clone(), index), bias,
+    def call(x, keys=keys, index=first_position):
+        return cpu_kernels.decoder_layer_step(x, transformer_ops.kernel_weights(layer), (keys, keys.clone(), index), bias,
                                               (cross, cross), torch.zeros(1, 1, 1, 5), 1e-6)
 
     assert call(torch.randn(2, 1, 64)).shape == (2, 1, 64)
@@ -471,9 +490,9 @@ def test_mlps_run_the_gated_gelu_kernel_only_where_it_serves(kernel, monkeypatch
     mlp = MlpBlock(16, 24)
     x = torch.randn(3, 40, 16)
     by_torch = mlp(x)  # not fused: wi_0 and wi_1 apart
-    mlp.fuse()
+    layout.fuse_weights([mlp.wi_0, mlp.wi_1], "cpu", torch.float32, False, False)
     half = copy.deepcopy(mlp).to(torch.bfloat16)
-    half.fuse()
+    layout.fuse_weights([half.wi_0, half.wi_1], "cpu", torch.bfloat16, False, False)
     with torch.no_grad():
         served = mlp(x)
         assert len(calls) == 1

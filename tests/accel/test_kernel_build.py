@@ -156,8 +156,8 @@ def test_the_command_builds_or_loads_the_kernels_and_says_where():
 def test_the_background_build_yields_the_cpu_across_sessions():
     # The build runs in a session of its own, which Linux schedules as a group beside the user's:
     # only a lowered group nice (not the process's own) keeps it from halving a first call's CPU.
-    lowered = subprocess.run([sys.executable, "-c", "from uio.accel import cpu_kernels\n"
-                              "cpu_kernels._lower_priority()\nprint(open('/proc/self/autogroup').read())"],
+    lowered = subprocess.run([sys.executable, "-c", ("from uio.accel import cpu_kernels\n"
+                              "cpu_kernels._lower_priority()\nprint(open('/proc/self/autogroup').read())")],
                              capture_output=True, text=True, timeout=WAIT_S, start_new_session=True, check=True)
     assert lowered.stdout.split()[-2:] == ["nice", "19"], lowered.stdout
     assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # the test process itself was left alone

@@ -187,12 +187,16 @@ def test_loaded_weights_equal_the_file(tiny_model, tiny_params):
 def test_loading_fills_the_fused_matrices_in_place(conformance, tiny_params):
     """Fused matrices allocated before loading receive their projections' weights where they are:
     no weight is allocated twice."""
+    from uio.accel.layout import LaidOutPlacement, adjacent_rows, lay_out
+
     model = meta_model(*load_config(conformance / "tiny" / "config.json"))
-    model.fuse_projections("cpu", torch.float32)
+    lay_out(model, "cpu", torch.float32)
     attention, mlp = model.decoder.layers[0].self_attention, model.encoder.layers[1].mlp
-    fused_qkv, fused_wi = attention.fused_qkv, mlp.fused_wi
-    checkpoint.load_into(model, tiny_params, "tiny.bin")
-    assert attention.fused_qkv is fused_qkv and mlp.fused_wi is fused_wi
+    qkv = lambda: adjacent_rows([attention.query.weight, attention.key.weight, attention.value.weight])  # noqa: E731
+    wi = lambda: adjacent_rows([mlp.wi_0.weight, mlp.wi_1.weight])  # noqa: E731
+    fused_qkv, fused_wi = qkv(), wi()
+    checkpoint.load_into(model, tiny_params, "tiny.bin", placement=LaidOutPlacement())
+    assert qkv().data_ptr() == fused_qkv.data_ptr() and wi().data_ptr() == fused_wi.data_ptr()
     for module, fused in ((attention.query, fused_qkv), (attention.value, fused_qkv), (mlp.wi_1, fused_wi)):
         assert module.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
     prefix = "decoder/layers_0/self_attention"
@@ -202,8 +206,10 @@ def test_loading_fills_the_fused_matrices_in_place(conformance, tiny_params):
 
 
 def test_loading_into_a_matrix_allocated_for_another_dtype_is_refused(conformance, tiny_params):
+    from uio.accel.layout import lay_out
+
     model = meta_model(*load_config(conformance / "tiny" / "config.json"))
-    model.fuse_projections("cpu", torch.bfloat16)
+    lay_out(model, "cpu", torch.bfloat16)
     with pytest.raises(ValueError, match=r"parameter for '\w+/layers_\d+/\w+/(query|key|value|wi_0|wi_1)/kernel' "
                                          r"was allocated as torch.bfloat16 on cpu, but loading was asked for "
                                          r"torch.float32 on cpu"):

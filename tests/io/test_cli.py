@@ -334,13 +334,14 @@ def test_console_entry_point():
 
 
 def test_runner_options_reach_the_runner(model_args, image_path):
-    from uio.model.transformer import packed_matmul_supported
+    from uio.accel.packing import packed_matmul_supported
+    from uio.accel.transformer_ops import packed_copies
 
     parse = lambda *extra: cli.build_parser().parse_args(["vqa", image_path, "what ?", *model_args, *extra])  # noqa: E731
-    assert cli.load_runner(parse("--no-prepack")).model.packed_weights() == []
-    assert bool(cli.load_runner(parse("--prepack")).model.packed_weights()) == packed_matmul_supported(torch.float32)
+    assert packed_copies(cli.load_runner(parse("--no-prepack")).model) == []
+    assert bool(packed_copies(cli.load_runner(parse("--prepack")).model)) == packed_matmul_supported(torch.float32)
     by_default = packed_matmul_supported(torch.float32) and not cpu_kernels.in_use(torch.float32)
-    assert bool(cli.load_runner(parse()).model.packed_weights()) == by_default
+    assert bool(packed_copies(cli.load_runner(parse()).model)) == by_default
     assert cli.load_runner(parse("--stop-at-eos")).stop_at_eos and not cli.load_runner(parse()).stop_at_eos
 
 

@@ -1,17 +1,13 @@
-"""Every task of the public runner against the reference's runner on the tiny checkpoint.
-
-The reference sampled for image tasks and pose; its goldens were made with beam search instead
-(runner.json ``sampling_forced_to_beam_search``), which our task methods take as an argument.
-"""
+"""The public runner beyond the reference's cases (those are in tests/conformance/test_runner_tasks.py):
+batching, seeds, precision, packing, conversions, concurrency, bad arguments."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-SCORE_ATOL = 1e-2
 IMAGE_ATOL = 1e-4
-# Tests of the shared runner run on each device; a GPU's run of the suite checks it against the goldens.
+# Tests of the shared runner run on each device.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                 reason="no CUDA device"))]
 
@@ -28,113 +24,6 @@ def runner(conformance, request):
     return make_runner(conformance, request.param)
 
 
-@pytest.fixture(scope="module")
-def calls(runner):
-    """Record every run() call made by a task method: (kwargs, result)."""
-    recorded = []
-    original = runner.run
-
-    def recording_run(*args, **kwargs):
-        result = original(*args, **kwargs)
-        recorded.append((args, kwargs, result))
-        return result
-
-    runner.run = recording_run
-    yield recorded
-    runner.run = original
-
-
-def task_args(name, spec, npz, image):
-    args = spec["args"]
-    table = {
-        "caption": ((image,), {}), "vqa": ((image, args.get("question")), {}),
-        "refexp": ((image, args.get("expression")), {}),
-        "region_caption": ((image, args.get("location")), {}),
-        "region_classification": ((image, args.get("location")), {"answer_options": args.get("options")}),
-        "image_classification": ((image,), {"answer_options": args.get("options")}),
-        "depth": ((image,), {}), "surface_normal": ((image,), {}),
-        "image_generation": ((args.get("description"),), {}),
-        "image_inpainting": ((image, args.get("location"), args.get("replace_with")), {}),
-        "object_segmentation": ((image, args.get("object_name")), {}),
-        "pose": ((image, args.get("location")), {}),
-        "segmentation_based_generation": (
-            ([npz[f"{name}/args/binary_masks/{i}"] for i in range(len(args.get("labels", [])))],
-             args.get("labels")), {}),
-    }
-    method = name.split("_num_decodes")[0].split("_options")[0]
-    positional, keywords = table[method]
-    keywords = {k: v for k, v in keywords.items() if v is not None}
-    run = spec["runs"][0]
-    if run["num_decodes"] is not None:
-        keywords["num_decodes"] = run["num_decodes"]
-    if run["sampling_forced_to_beam_search"] or run["beam_search_requested"]:
-        keywords["beam_search"] = True
-    return method, positional, keywords
-
-
-TASK_CASES = ["caption", "vqa", "vqa_num_decodes2", "refexp", "region_caption", "region_classification",
-              "region_classification_options", "image_classification_options", "depth", "surface_normal",
-              "image_generation", "image_inpainting", "object_segmentation", "pose",
-              "segmentation_based_generation"]
-
-
-@pytest.mark.parametrize("name", TASK_CASES)
-def test_task_matches_reference(runner, calls, golden, test_image, name):
-    spec, npz = golden("runner.json")[name], golden("runner.npz")
-    method, positional, keywords = task_args(name, spec, npz, test_image)
-    calls.clear()
-    out = getattr(runner, method)(*positional, **keywords)
-    (_, run_kwargs, raw), = calls
-    golden_run = spec["runs"][0]
-    assert run_kwargs["output_text_len"] == golden_run["output_text_len"]
-    assert run_kwargs["generate_image"] == golden_run["generate_image"]
-    prefix = f"{name}/run0"
-    np.testing.assert_array_equal(
-        runner.tokenizer([golden_run["input_texts"][0]], max_length=64, truncation=True),
-        npz[f"{prefix}/inputs/text_encoder_inputs"])
-    for field in ("text_tokens", "image_tokens"):
-        if f"{prefix}/raw/{field}" in npz:
-            np.testing.assert_array_equal(raw[field], npz[f"{prefix}/raw/{field}"])
-    if f"{prefix}/raw/score" in npz:
-        np.testing.assert_allclose(raw["score"], npz[f"{prefix}/raw/score"], atol=SCORE_ATOL, rtol=0)
-    if f"{prefix}/raw/all_scores" in npz:
-        np.testing.assert_allclose(raw["all_scores"], npz[f"{prefix}/raw/all_scores"], atol=SCORE_ATOL, rtol=1e-4)
-    if golden_run.get("raw_text") is not None and raw["text"] is not None:
-        assert raw["text"] == golden_run["raw_text"] or raw["text"] == [golden_run["raw_text"]]
-    if spec["status"] == "raised":
-        # The reference crashed parsing this garbage output; we return it with no boxes/points.
-        assert len(out.get("boxes", [])) == 0 and out.get("points") is None
-        return
-    check_fields(spec, npz, name, out)
-
-
-def check_fields(spec, npz, name, out):
-    for field, described in spec["fields"].items():
-        key = f"{name}/out/{field}"
-        if field == "text":
-            assert out["text"] == described
-        elif field == "mask":
-            count = len([k for k in npz if k.startswith(key + "/")])
-            assert len(out["mask"]) == count
-            for i in range(count):
-                np.testing.assert_array_equal(out["mask"][i], npz[f"{key}/{i}"])
-        elif field == "score":
-            np.testing.assert_allclose(np.ravel(out["score"]), np.ravel(npz[key]), atol=SCORE_ATOL, rtol=0)
-        else:
-            np.testing.assert_allclose(out[field], npz[key], atol=IMAGE_ATOL, rtol=1e-4)
-
-
-def test_run_with_image_answer_options(runner, golden, test_image):
-    from uio.runner import DEPTH_PROMPT
-
-    npz = golden("runner.npz")
-    options = [npz[f"run_image_answer_options/args/option_images/{i}"] for i in range(3)]
-    out = runner.run([test_image], [DEPTH_PROMPT], output_text_len=1, generate_image=True, answer_options=options)
-    assert out["text_tokens"] is None and out["text"] is None and out["image_tokens"] is None
-    for field in ("image", "score", "all_scores"):
-        np.testing.assert_allclose(out[field], npz[f"run_image_answer_options/out/{field}"], atol=SCORE_ATOL, rtol=1e-4)
-
-
 def test_batched_run_equals_single_runs(runner, test_image):
     flipped = np.ascontiguousarray(test_image[::-1])
     prompts = ["what is in the image ?", "What does the image describe ?"]
@@ -143,12 +32,6 @@ def test_batched_run_equals_single_runs(runner, test_image):
         single = runner.run([image], [prompt], output_text_len=8)
         np.testing.assert_array_equal(both["text_tokens"][i], single["text_tokens"][0])
         np.testing.assert_allclose(both["score"][i], single["score"][0], atol=1e-3)
-
-
-def test_object_localization_is_refexp_by_another_name(runner, golden, test_image):
-    """The reference asks both with the same prompt and reads boxes the same way."""
-    expression = golden("runner.json")["refexp"]["args"]["expression"]
-    np.testing.assert_equal(runner.object_localization(test_image, expression), runner.refexp(test_image, expression))
 
 
 def test_sampling_is_deterministic_per_seed(runner, test_image):
@@ -178,13 +61,13 @@ def test_bad_input_raises_clear_errors(runner, test_image, bad_call, message):
 
 def test_models_replay_recorded_steps(runner):
     """Decoding steps replay traces on the CPU, CUDA graphs on a GPU."""
-    from uio.model.transformer import StepTraces
+    from uio.accel import settings, steps
 
-    model = runner.model
+    chosen = settings(runner.model)
     if runner.device.type == "cuda":
-        assert model.cuda_graphs and model.step_traces is None
+        assert chosen.cuda_graphs and not chosen.step_traces
     else:
-        assert not model.cuda_graphs and isinstance(model.step_traces, StepTraces) == StepTraces.available
+        assert not chosen.cuda_graphs and chosen.step_traces == steps.StepTraces.available
 
 
 def test_compiled_runner_matches_eager(conformance, runner, test_image):
@@ -233,21 +116,23 @@ def test_bf16_vqgan_only_where_the_cpu_has_bf16_kernels(conformance, monkeypatch
 
 @pytest.mark.parametrize("dtype, rtol", [("fp32", 1e-5), ("bf16", 1e-3)])
 def test_cpu_decoding_with_packed_weights_matches_plain(conformance, test_image, dtype, rtol, without_cpu_kernel):
-    from uio.model.transformer import packed_matmul_supported
+    from uio.accel.packing import packed_matmul_supported
+    from uio.accel.transformer_ops import drop_packed, packed_copies, step_weight_groups
     from uio.runner import resolve_dtype
 
     if not packed_matmul_supported(resolve_dtype(dtype)):
         pytest.skip(f"this CPU has no oneDNN packed matmul for {dtype}")
     runner = make_runner(conformance, dtype=dtype)
-    assert runner.model.packed_output_rows and runner.model.decoder.layers[0].mlp.packed
+    assert len(packed_copies(runner.model)) == len(step_weight_groups(runner.model))  # every step weight, at load
     call = lambda: runner.run([test_image], ["what is on the left ?"], output_text_len=6, generate_image=True)  # noqa: E731
     packed = call()
-    runner.model.drop_packed()
+    drop_packed(runner.model)
     plain = call()
+    assert packed_copies(runner.model) == []
     np.testing.assert_array_equal(packed["text_tokens"], plain["text_tokens"])
     np.testing.assert_array_equal(packed["image_tokens"], plain["image_tokens"])
     np.testing.assert_allclose(packed["score"], plain["score"], rtol=rtol)
-    assert make_runner(conformance, dtype=dtype, prepack=False).model.packed_weights() == []
+    assert packed_copies(make_runner(conformance, dtype=dtype, prepack=False).model) == []
 
 
 def test_converted_models_keep_the_packing_asked_for(conformance):
@@ -255,16 +140,17 @@ def test_converted_models_keep_the_packing_asked_for(conformance):
     device packed there, even when loaded on one that is not; never with ``prepack=False``; by
     default where uio's CPU kernels do not serve that dtype's steps."""
     from uio.accel import cpu_kernels
-    from uio.model.transformer import packed_matmul_supported
+    from uio.accel.packing import packed_matmul_supported
+    from uio.accel.transformer_ops import packed_copies
 
     if not packed_matmul_supported(torch.float32):
         pytest.skip("this CPU has no oneDNN packed matmul for fp32")
     model = make_runner(conformance, dtype="fp16", prepack=True).model  # fp16 is never packed
-    assert model.packed_weights() == [] and model.to(torch.float32).packed_weights()
+    assert packed_copies(model) == [] and packed_copies(model.to(torch.float32))
     plain = make_runner(conformance, prepack=False).model
-    assert plain.to(torch.float64).to(torch.float32).packed_weights() == []
+    assert packed_copies(plain.to(torch.float64).to(torch.float32)) == []
     by_default = make_runner(conformance, dtype="fp16").model.to(torch.float32)
-    assert bool(by_default.packed_weights()) == (not cpu_kernels.in_use(torch.float32))
+    assert bool(packed_copies(by_default)) == (not cpu_kernels.in_use(torch.float32))
 
 
 def test_a_converted_model_runs_with_inputs_in_its_dtype(conformance, runner, test_image):
@@ -285,17 +171,25 @@ def test_stop_at_eos_gives_the_same_text_in_fewer_steps(runner, test_image, monk
     """With EOS forced at step 2, a VQA call stops after 3 of its 33 steps: same text, a score
     over those steps only; image outputs still decode every step."""
     from uio import generate
+    from uio.model import ops
 
-    steps_run, real_step = [], generate.decode_step
+    steps_run, real_decoding = [], ops.decoding
 
-    def step_ending_at_2(model, cache, tokens, step, valid):
-        logits = real_step(model, cache, tokens, step, valid)
-        steps_run.append(step)
-        if step == 2:
-            logits[:, generate.EOS] = 1e4
-        return logits
+    def decoding_ending_at_2(*args):
+        decoding = real_decoding(*args)
+        real_step = decoding.step
 
-    monkeypatch.setattr(generate, "decode_step", step_ending_at_2)
+        def step_ending_at_2(tokens, step, valid):
+            logits = real_step(tokens, step, valid)
+            steps_run.append(step)
+            if step == 2:
+                logits[:, generate.EOS] = 1e4
+            return logits
+
+        decoding.step = step_ending_at_2
+        return decoding
+
+    monkeypatch.setattr(ops, "decoding", decoding_ending_at_2)
     vqa = lambda: runner.run([test_image], ["what is this ?"], output_text_len=32)  # noqa: E731
     full, full_depth = vqa(), runner.depth(test_image)
     assert len(steps_run) == 33 + 257
@@ -340,17 +234,24 @@ def test_calls_derive_nothing_again_until_a_weight_changes(conformance, test_ima
     """A loaded runner's fused matrices and traces serve call after call; loading other weights
     into it in place (``load_state_dict``) makes the next call derive them again, from those weights,
     outside inference mode (a later load could not write into inference tensors)."""
+    from uio.accel.derived import FORMS
+    from uio.accel.steps import StepTraces, step_weights
+    from uio.accel.transformer_ops import fused
+
     runner = make_runner(conformance)
     model = runner.model
-    fused = model.decoder.layers[0].mlp.fused_wi
+    mlp = model.decoder.layers[0].mlp
+    fused_wi = lambda: fused([mlp.wi_0.weight, mlp.wi_1.weight])  # noqa: E731
+    kept_traces = lambda: FORMS.get("step traces", step_weights(model), StepTraces, create=False)  # noqa: E731
+    fused_before = fused_wi()
     first = runner.vqa(test_image, "what is this?")
-    traces = model.step_traces
+    traces = kept_traces()
     assert runner.vqa(test_image, "what is this?")["score"] == first["score"]
-    assert model.decoder.layers[0].mlp.fused_wi is fused and model.step_traces is traces
+    assert fused_wi() is fused_before and kept_traces() is traces
     model.load_state_dict({name: tensor * 1.1 for name, tensor in model.state_dict().items()})
     changed = runner.vqa(test_image, "what is this?")
-    fused_again = model.decoder.layers[0].mlp.fused_wi
-    assert fused_again is not fused and not fused_again.is_inference()
-    assert (traces is None or model.step_traces is not traces) and changed["score"] != first["score"]
+    fused_again = fused_wi()
+    assert fused_again is not fused_before and not fused_again.is_inference()
+    assert (traces is None or kept_traces() is not traces) and changed["score"] != first["score"]
     model.load_state_dict({name: tensor / 1.1 for name, tensor in model.state_dict().items()})
     np.testing.assert_allclose(runner.vqa(test_image, "what is this?")["score"], first["score"], rtol=1e-4)

@@ -64,6 +64,8 @@ def disabled() -> Iterator[None]:
     finally:
         if was_enabled:
             enable()
+        else:
+            ops.reset()  # the block may have switched them on
         globals()["_switched_off"] = was_switched_off
 
 

@@ -22,7 +22,10 @@ def tensor_state(t: Tensor) -> tuple[int, int]:
     """(address, version) of ``t``: one or the other changes when ``t`` is replaced or updated in
     place. The version counts a tensor's in-place updates (autograd's own check that saved tensors
     are unchanged); tensors made in inference mode have none (0), and asking raises."""
-    return t.data_ptr(), 0 if t.is_inference() else t._version
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # an inference tensor
+        return t.data_ptr(), 0
 
 
 class DerivedForms:
@@ -46,11 +49,13 @@ class DerivedForms:
         none was ever made and not ``create``, None."""
         name = (kind, *map(id, sources), key)
         state = tuple(map(tensor_state, sources))
-        with self._lock:
-            kept = self._forms.get(name)
-            if kept is not None and kept[0] == state:
-                self._forms.move_to_end(name)
-                return kept[1]
+        kept = self._forms.get(name)  # dict reads need no lock
+        if kept is not None and kept[0] == state:
+            if kind in self._limits:  # least recently used first
+                with self._lock:
+                    if name in self._forms:
+                        self._forms.move_to_end(name)
+            return kept[1]
         if kept is None and not create:
             return None
         # A normal tensor whatever mode this call runs in: later calls may run outside inference mode.

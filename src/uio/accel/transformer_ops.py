@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import cpu_kernels, layout, packing
 from .derived import FORMS
+from .policy import settings
 from .policy import (EMULATED_BF16_MAX_ROWS, FEW_QUERY_ROWS, KEPT_RELATIVE_BUCKETS, MLP_PIECE_BYTES,
                      PACKED_MAX_ROWS, POSITION_BIAS_CACHE_BYTES, SMALL_NORM_ELEMENTS)
 
@@ -194,15 +195,31 @@ def pack_step_weights(model: nn.Module) -> list[Tensor]:
     return copies
 
 
+def packed_copies(model: nn.Module) -> list[Tensor]:
+    """The packed copies of ``model``'s step weights kept now (made again where stale), in a fixed order."""
+    copies = []
+    for weights, key in step_weight_groups(model):
+        matrix = fused(weights)
+        copy = None if matrix is None else packed_copy(weights, matrix if not key else matrix[slice(*key)], key)
+        if copy is not None:
+            copies.append(copy)
+    return copies
+
+
 def drop_packed(model: nn.Module) -> None:
-    """Free the packed copies of ``model``'s step weights."""
+    """Free the packed copies of ``model``'s step weights, and make none from now on."""
+    settings(model).prepack = False
     for weights, key in step_weight_groups(model):
         FORMS.discard("packed", weights, key)
 
 
 def converted(model: nn.Module) -> None:
-    """Lay the converted weights out again (see :func:`uio.accel.layout.lay_out`)."""
+    """Lay the converted weights out again (see :func:`uio.accel.layout.lay_out`), and pack them
+    where the model's settings want packed copies for its new dtype and device."""
     layout.lay_out(model)
+    weight = model.token_embedder.weight
+    if packing.wants_packed_copies(settings(model).prepack, weight.dtype, weight.device):
+        pack_step_weights(model)
 
 
 FAST_OPS = {"linear": linear, "project": project, "mlp": mlp, "rms_norm": rms_norm, "attention": attention,
