@@ -48,19 +48,15 @@ def random_encoding(model: UnifiedIO, batch: int, prompt_length: int) -> Encoder
 
 
 @contextlib.contextmanager
-def accelerated_on_one_thread() -> Iterator[None]:
-    """Within it, uio.accel's fast operations registered and torch on one thread; then as before.
-    (These models are tiny: on a loaded machine, more threads only wait for each other.)"""
-    was_on, threads = accel.switched_on(), torch.get_num_threads()
-    if not was_on:
-        accel.enable()
+def on_one_thread() -> Iterator[None]:
+    """Within it, torch on one thread; then as before. (These models are tiny: on a loaded machine,
+    more threads only wait for each other.)"""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        if not was_on:
-            accel.disable()
 
 
 def traces_of(model) -> StepTraces | None:

@@ -9,10 +9,10 @@ import io
 import pytest
 import torch
 from small_models import (
-    accelerated_on_one_thread,
     assert_generations_equal,
     assert_generations_match,
     generations,
+    on_one_thread,
     random_encoding,
     random_model,
     traces_of,
@@ -27,30 +27,14 @@ needs_tracing = pytest.mark.skipif(not StepTraces.available, reason="torch.jit.t
 
 
 @pytest.fixture(autouse=True, scope="module")
-def accelerated():
-    with accelerated_on_one_thread():
+def one_thread():
+    with on_one_thread():
         yield
 
 
 def fused_qkv(attention) -> torch.Tensor | None:
     """The attention's q/k/v matrix where its projections are views of one (None where they are not)."""
     return transformer_ops.fused([attention.query.weight, attention.key.weight, attention.value.weight])
-
-
-def packed_copies(model) -> list[torch.Tensor]:
-    """The packed copies kept now of the weights ``model``'s decoding steps multiply by (made again
-    where their weights changed in place), as the steps find them; none made here."""
-    copies = []
-    for weights, key in transformer_ops.step_weight_groups(model):
-        matrix = transformer_ops.fused(weights)
-        if matrix is not None:
-            packed = transformer_ops.packed_copy(weights, matrix[slice(*key)] if key else matrix, key)
-            copies += [] if packed is None else [packed]
-    return copies
-
-
-def generate_once(model) -> generate.Generation:
-    return generate.beam_search(model, random_encoding(model, 1, 5), 8, 9, num_beams=2)
 
 
 @needs_tracing
@@ -77,23 +61,20 @@ def test_converting_a_model_lays_it_out_and_traces_its_steps_again():
 
 
 def test_converting_a_packed_model_packs_it_again_where_it_can(without_cpu_kernel):
-    """Packed copies are made again from the converted weights at the next generation's start."""
     if not packing.packed_matmul_supported(torch.float32):
         pytest.skip("this CPU has no oneDNN packed matmul for fp32")
     model = random_model(packed=True)
-    packed = packed_copies(model)
+    packed = transformer_ops.packed_copies(model)
     assert len(packed) == len(transformer_ops.step_weight_groups(model))  # every product of a step
-    assert [id(w) for w in packed_copies(model.to(torch.float32))] == [id(w) for w in packed]  # nothing to do
+    unchanged = transformer_ops.packed_copies(model.to(torch.float32))  # nothing to do
+    assert [id(w) for w in unchanged] == [id(w) for w in packed]
     model.to(torch.bfloat16)
-    assert packed_copies(model) == []  # none of the converted weights yet
-    generate_once(model)
     expected = [torch.bfloat16] * len(packed) if packing.packed_matmul_supported(torch.bfloat16) else []
-    assert [w.dtype for w in packed_copies(model)] == expected
+    assert [w.dtype for w in transformer_ops.packed_copies(model)] == expected
     linears = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
     assert all(m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() for m in linears)
-    model.to(torch.float32)
-    generate_once(model)  # packed again, from the converted weights
-    assert [w.dtype for w in packed_copies(model)] == [torch.float32] * len(packed)
+    model.to(torch.float32)  # packed again, from the converted weights
+    assert [w.dtype for w in transformer_ops.packed_copies(model)] == [torch.float32] * len(packed)
     mlp, x = model.decoder.layers[0].mlp, torch.randn(1, model.cfg.emb_dim)
     wi = [mlp.wi_0.weight, mlp.wi_1.weight]
     fused_wi = transformer_ops.fused(wi)
@@ -103,8 +84,8 @@ def test_converting_a_packed_model_packs_it_again_where_it_can(without_cpu_kerne
 @needs_tracing
 def test_copies_of_a_model_make_its_packed_and_traced_forms_again():
     """Packed copies and traces are not copied or pickled: a deep copy, or a model saved whole with
-    torch.save and loaded, keeps its settings and fused views and makes them again from its own
-    weights at its first generation, decoding exactly as the original does."""
+    torch.save and loaded, keeps its settings and fused views, packs its own weights, traces its
+    steps at its first generation, and decodes exactly as the original does."""
     # In fp32's layout for every weight, which copies lay their weights out in (see stores_transposed).
     model = random_model(packed=packing.packed_matmul_supported(torch.float32)).to(torch.float64).to(torch.float32)
     accel.settings(model).step_traces = True
@@ -114,10 +95,11 @@ def test_copies_of_a_model_make_its_packed_and_traced_forms_again():
     before = generations(model, traced=True)
     for duplicate in (copy.deepcopy(model), torch.load(saved, weights_only=False)):
         assert accel.settings(duplicate) == accel.settings(model) and accel.settings(duplicate).step_traces
-        assert traces_of(duplicate) is None and packed_copies(duplicate) == []
+        assert len(transformer_ops.packed_copies(duplicate)) == len(transformer_ops.packed_copies(model))
+        assert traces_of(duplicate) is None
         assert fused_qkv(duplicate.decoder.layers[0].self_attention) is not None
         assert_generations_equal(generations(duplicate, traced=True), before)
-        assert len(packed_copies(duplicate)) == len(packed_copies(model)) and traces_of(duplicate).traces
+        assert traces_of(duplicate).traces
 
 
 def replaced_by_assignment(model, reference, state: dict) -> None:
@@ -138,7 +120,7 @@ def test_projection_weights_replaced_after_fusing_compute_at_once_and_fuse_again
     mlp = model.decoder.layers[0].mlp
     kept = transformer_ops.fused([mlp.wi_0.weight, mlp.wi_1.weight])
     accel.settings(model).step_traces = StepTraces.available
-    generate_once(model)  # traced, old weights
+    generate.beam_search(model, random_encoding(model, 1, 5), 8, 9, num_beams=2)  # traced, old weights
     assert transformer_ops.fused([mlp.wi_0.weight, mlp.wi_1.weight]) is kept
     state = {name: tensor * 1.1 for name, tensor in model.state_dict().items()}
     replaced_by_assignment(model, reference, state)

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from small_models import (
-    accelerated_on_one_thread,
     assert_generations_equal,
     assert_generations_match,
     generations,
+    on_one_thread,
     random_encoding,
     random_model,
     traces_of,
@@ -27,8 +27,8 @@ from uio.model.decoding import DecoderCache, decode_step
 
 
 @pytest.fixture(autouse=True, scope="module")
-def accelerated():
-    with accelerated_on_one_thread():
+def one_thread():
+    with on_one_thread():
         yield
 
 
