@@ -34,6 +34,18 @@ def without_cpu_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "enabled", False)
 
 
+@pytest.fixture
+def fast_convolution_ops():
+    """The VQGAN's operations by uio.accel.convolution's faster versions (the reference's again after)."""
+    from uio.accel.convolution import FAST_OPS
+    from uio.model import ops
+
+    for name, function in FAST_OPS.items():
+        ops.register(name, function)
+    yield FAST_OPS
+    ops.reset()
+
+
 @pytest.fixture(scope="session")
 def conformance() -> Path:
     """Path of the conformance folder; skips the test where it is absent."""
