@@ -175,8 +175,9 @@ def step_bytes(cfg, image_step: bool, element_size: int, encoder_length: int, ba
 
 
 def vqgan_flops(vqgan, device: torch.device) -> float:
-    """FLOPs of the VQGAN decoder's convolutions as this implementation runs them: an upsampling
-    conv as its four 2x2 phase convs on the low-resolution input (see ``vqgan.Upsample``)."""
+    """FLOPs of the VQGAN decoder's convolutions as the accelerated operations run them: an
+    upsampling conv as its four 2x2 phase convs on the low-resolution input (see
+    :func:`uio.accel.convolution.upsample_conv2d`)."""
     total = 0.0
 
     def count(module, inputs, output):

@@ -1,7 +1,7 @@
 """Time VQGAN.decode_codes (256 codes -> 256x256 image) on random weights of the released size.
 
     python benchmarks/bench_vqgan.py [--batch 1 8] [--dtype fp32 bf16] [--runs 5] [--threads N]
-                                     [--module path/to/vqgan.py]
+                                     [--module path/to/vqgan.py] [--accel on|off]
 
 Weights are N(0, 0.02) (the default VAEConfig), codes uniform at random. Prints one table: each
 (dtype, batch) cell's median seconds over ``--runs`` runs after a warm-up, the throughput in GFLOP/s
@@ -9,7 +9,8 @@ counted on the reference algorithm's convolutions (nearest x2 upsample then 3x3 
 may do fewer), and for bf16 the PSNR of its output against the float32 output on the same codes
 (peak = the float32 output's range, see :func:`psnr`). A last line gives the bf16 PSNR on the codes of
 golden/test_image.png (encoded in float32). ``--module`` times another copy of vqgan.py (e.g. an
-older revision) for before/after comparisons.
+older revision) for before/after comparisons. ``--accel off`` times the seam's reference operations
+(:mod:`uio.model.ops`) instead of :mod:`uio.accel.convolution`'s faster ones.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def load_vqgan_class(module: str | None):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.VQGAN
+
+
+def use_fast_convolution_ops() -> None:
+    """The VQGAN's seam operations by :mod:`uio.accel.convolution`'s faster versions."""
+    from uio.accel.convolution import FAST_OPS
+    from uio.model import ops
+
+    for name, function in FAST_OPS.items():
+        ops.register(name, function)
 
 
 def reference_conv_flops(model, codes: torch.Tensor) -> int:
@@ -110,7 +120,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--module", default=None, help="time the VQGAN of another vqgan.py file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accel", choices=["on", "off"], default="on",
+                        help="the VQGAN's operations by uio.accel.convolution (on) or the reference (off)")
     args = parser.parse_args()
+    if args.accel == "on":
+        use_fast_convolution_ops()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -126,7 +140,7 @@ def main() -> None:
             models[name] = copy.deepcopy(base).to(DTYPES[name])
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"module {args.module or 'uio.model.vqgan'}")
+          f"module {args.module or 'uio.model.vqgan'}, accel {args.accel}")
     print(f"{'dtype':>5} {'batch':>5} {'median s':>9} {'GFLOP/s':>8} {'PSNR vs fp32 (dB)':>18}")
     for batch in args.batch:
         codes = torch.randint(0, cfg.n_embed, (batch, (cfg.resolution // 16) ** 2))

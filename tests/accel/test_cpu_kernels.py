@@ -602,28 +602,6 @@ def test_group_norm_kernel_computes_the_vqgans_norm(kernel, shape, groups, swish
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
 
 
-def test_vqgan_norms_run_on_the_kernel_only_where_it_serves(kernel, monkeypatch):
-    from uio.model.vqgan import GroupNorm
-
-    calls = []
-    group_norm = cpu_kernels.group_norm
-    monkeypatch.setattr(cpu_kernels, "group_norm", lambda *args: calls.append(args) or group_norm(*args))
-    norm = GroupNorm(64)
-    x = torch.randn(1, 64, 6, 6).to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        served = norm(x, swish=True)
-        assert len(calls) == 1
-        norm(x.contiguous())  # not channels-last
-        norm(x.bfloat16())
-        monkeypatch.setattr(cpu_kernels, "enabled", False)
-        by_torch = norm(x, swish=True)
-    norm(x)  # gradients wanted for the norm's weights: the kernel has no backward
-    norm.requires_grad_(False)
-    norm(x.requires_grad_())  # for x
-    assert len(calls) == 1
-    torch.testing.assert_close(served, by_torch, rtol=1e-5, atol=1e-5)
-
-
 def test_group_norm_kernel_refuses_what_it_does_not_compute(kernel):
     x, weight = torch.randn(1, 64, 4, 4).to(memory_format=torch.channels_last), torch.ones(64)
     with pytest.raises(RuntimeError, match="x must be a channels-last float32"):

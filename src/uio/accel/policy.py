@@ -18,6 +18,9 @@ MLP_PIECE_BYTES = 16 << 20  # bytes of gated activations per piece of a CPU MLP 
 SMALL_NORM_ELEMENTS = 1 << 16  # elements up to which RMSNorm runs as one layer_norm kernel on the CPU
 FEW_QUERY_ROWS = 16  # query rows up to which fp32 GPU attention runs as plain matmuls (a decoding step's)
 
+# VQGAN
+GROUP_NORM_CHUNK_ELEMENTS = 1 << 18  # float32 elements per row chunk of a channels-last GroupNorm (cache-sized)
+
 # Forms kept from call to call (see uio.accel.derived)
 POSITION_BIAS_CACHE_BYTES = 64 << 20  # bytes of encoder position biases kept (least recently used go first)
 KEPT_RELATIVE_BUCKETS = 32  # bucket tables kept, one per (prompt length, image grid) shape

@@ -68,9 +68,21 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
     return y if residual is None else y + residual
 
 
+def upsample_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Nearest-neighbour x2 upsampling of NCHW ``x``, then a 3x3 conv (padding 1)."""
+    return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+
+
 def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float, swish: bool = False) -> Tensor:
-    """GroupNorm of NCHW ``x`` computed in float32 (then swish, where asked), in ``x``'s dtype."""
-    y = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps)
+    """GroupNorm of NCHW ``x`` computed in float32 (then swish, where asked), in ``x``'s dtype.
+
+    The statistics are centred (``torch.var_mean``): torch's own group norm of a channels-last
+    float32 tensor takes E[x^2] - E[x]^2, which cancels where a group's mean is large against its
+    spread."""
+    grouped = x.float().unflatten(1, (groups, -1))  # (B, groups, C / groups, H, W)
+    var, mean = torch.var_mean(grouped, dim=(2, 3, 4), correction=0, keepdim=True)
+    normed = ((grouped - mean) * torch.rsqrt(var + eps)).flatten(1, 2)
+    y = normed * weight.float()[:, None, None] + bias.float()[:, None, None]
     return (F.silu(y) if swish else y).to(x.dtype)
 
 
@@ -92,7 +104,7 @@ def converted(model) -> None:
 
 
 NAMES = ("linear", "project", "mlp", "rms_norm", "attention", "decoder_layer_step", "logits",
-         "negative_log_likelihood", "conv2d", "group_norm", "derived", "decoding", "converted")
+         "negative_log_likelihood", "conv2d", "upsample_conv2d", "group_norm", "derived", "decoding", "converted")
 REFERENCE: dict[str, Callable] = {name: globals()[name] for name in NAMES}
 
 
