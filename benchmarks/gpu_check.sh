@@ -21,7 +21,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 UIO_C
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
 echo "== CUDA tests"
-timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -k cuda tests/*/test_transformer.py tests/*/test_runner.py \
+timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -k cuda tests/conformance tests/io/test_runner.py \
     tests/accel/test_steps.py
 tests=$?
 echo "== benchmark"

@@ -346,7 +346,7 @@ def test_decoder_layer_kernel_computes_torchs_step(kernel, sizes, rows, examples
     them for torch's layers; bf16 ones give the kernel the same results, tested below) both round
     each operation's output to bf16: they agree up to a rare bf16 ulp where float32 roundings before
     it differ (the norm's, the attention's)."""
-    from uio.model.transformer import masked
+    from uio.model.masks import masked
 
     skip_unless_layer_kernel_serves(dtype)
     emb_dim, heads, head_dim, _ = sizes

@@ -12,7 +12,8 @@ import torch
 from uio.model import ops
 from uio.model.embedding import Embedding
 from uio.model.positions import RelativePositionBiases, image_relative_bucket, text_relative_bucket
-from uio.model.transformer import MASK_VALUE, EncoderOutput, RMSNorm
+from uio.model.masks import MASK_VALUE
+from uio.model.transformer import EncoderOutput, RMSNorm
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 DEVICES = ["cpu", CUDA]

@@ -1,11 +1,14 @@
-"""Incremental decoding: the key/value cache and one decoder step, a free function of fixed-shape tensors."""
+"""Incremental decoding: the key/value cache and one decoder step, a free function of fixed-shape tensors.
+
+``model`` is a :class:`~uio.model.transformer.UnifiedIO` and ``enc`` its encoder's output
+(:class:`~uio.model.transformer.EncoderOutput`); this module imports neither, so that the seam
+(:mod:`uio.model.ops`), whose reference ``decoding`` it is, imports nothing that imports it."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import ops
-from .transformer import EncoderOutput, UnifiedIO, cross_attention_bias, masked
+from .masks import cross_attention_bias, masked
 
 
 class DecoderCache:
@@ -20,7 +23,7 @@ class DecoderCache:
     ``in_place``, :meth:`reorder` and :meth:`refill` keep every tensor where it is.
     """
 
-    def __init__(self, model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int,
+    def __init__(self, model: nn.Module, enc, text_length: int, image_length: int,
                  rows_per_example: int = 1, attention_dtype: torch.dtype | None = None, in_place: bool = False):
         cfg, dec = model.cfg, model.decoder
         n, device = enc.hidden.shape[0] * rows_per_example, enc.hidden.device
@@ -35,7 +38,7 @@ class DecoderCache:
         self.positions = dec.position_ids(text_length, image_length, device)
         self.step_index = torch.arange(self.length, device=device)
 
-    def _encoding_state(self, model: UnifiedIO, enc: EncoderOutput) -> tuple[list, Tensor, Tensor]:
+    def _encoding_state(self, model: nn.Module, enc) -> tuple[list, Tensor, Tensor]:
         """(cross-attention keys/values, cross-attention bias, self-attention bias) for ``enc``."""
         dtype, device = self.attention_dtype, enc.hidden.device
         # One per example, shared by its rows; a wider dtype holds the values exactly.
@@ -54,7 +57,7 @@ class DecoderCache:
                    self.cross_bias, self.self_bias, self.positions, self.step_index]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def refill(self, model: UnifiedIO, enc: EncoderOutput) -> None:
+    def refill(self, model: nn.Module, enc) -> None:
         """Start a new generation for ``enc`` (of the shapes this cache was made for) in place. Keys
         left from the last generation stay masked until overwritten (a masked logit is -1e10 whatever the key)."""
         cross_kv, cross_bias, self_bias = self._encoding_state(model, enc)
@@ -75,7 +78,7 @@ class DecoderCache:
         self.key_valid = self.key_valid.index_select(0, index)
 
 
-def decode_step(model: UnifiedIO, keys: list[Tensor], values: list[Tensor], key_valid: Tensor, cross_kv: list,
+def decode_step(model: nn.Module, keys: list[Tensor], values: list[Tensor], key_valid: Tensor, cross_kv: list,
                 cross_bias: Tensor, self_bias: Tensor, positions: Tensor, index: Tensor, tokens: Tensor,
                 valid: Tensor, is_image: bool) -> Tensor:
     """One decoder step for ``tokens`` (N,) at output position ``index`` (a 1-element tensor), on the
@@ -95,13 +98,13 @@ def decode_step(model: UnifiedIO, keys: list[Tensor], values: list[Tensor], key_
     bias = masked(self_bias.index_select(1, index)[None], attendable[:, None, None, :])
     caches = [(k, v, index) for k, v in zip(keys, values)]
     hidden = dec.run_layers(y, bias, cross_kv, cross_bias, caches)[:, 0]
-    return ops.logits(hidden, model.token_embedder.weight, model.output_rows(is_image))
+    return model.step_logits(hidden, is_image)
 
 
 class Decoding:
     """One generation's decoding: a :class:`DecoderCache` and eager steps (:func:`decode_step`)."""
 
-    def __init__(self, model: UnifiedIO, enc: EncoderOutput, text_length: int, image_length: int,
+    def __init__(self, model: nn.Module, enc, text_length: int, image_length: int,
                  rows_per_example: int = 1):
         self.model = model
         self.cache = DecoderCache(model, enc, text_length, image_length, rows_per_example)

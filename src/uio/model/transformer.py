@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from ..config import UnifiedIOConfig
 from . import ops
 from .embedding import Embedding
+from .masks import MASK_VALUE, cross_attention_bias, masked, pair_valid
 from .positions import RelativePositionBiases, position_bias
 
-MASK_VALUE = -1e10  # the reference's additive mask, also used for masked logits
 DECODER_IMAGE_WIDTH = 16  # the decoder's 256 image tokens form a 16x16 grid
 
 
@@ -86,27 +86,6 @@ class Attention(nn.Module):
         x = ops.attention(q.to(k.dtype), k, v, bias).to(q.dtype)
         x = x.transpose(1, 2).flatten(2).reshape(rows, length, -1)
         return ops.linear(x, self.out.weight)
-
-
-def pair_valid(query_valid: Tensor, key_valid: Tensor) -> Tensor:
-    """(B, 1, Lq, Lk) bool: both the query and the key position are valid."""
-    return query_valid[:, None, :, None].bool() & key_valid[:, None, None, :].bool()
-
-
-def masked(bias: Tensor, valid: Tensor) -> Tensor:
-    """``bias`` where ``valid``, -1e10 elsewhere (broadcast). The reference adds -1e10 to the bias
-    instead; in float32 that rounds to -1e10 for any bias under 512 in magnitude, so both agree,
-    and one pass over the (B, H, Lq, Lk) tensor is cheaper than two. float16 ends at -65504, its
-    lowest value is used instead: as -1e10 it gets no weight next to any valid key, and a row with
-    no valid key (a padding query) stays finite (-inf, what newer torch makes of -1e10 there, would
-    make it NaN in some attention kernels; older torch raises)."""
-    return torch.where(valid, bias, max(MASK_VALUE, torch.finfo(bias.dtype).min))
-
-
-def cross_attention_bias(query_valid: Tensor, key_valid: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, 1, Lq, Lk) bias of cross-attention, which has no position bias: 0, or -1e10 where masked."""
-    zero = torch.zeros((), dtype=dtype, device=key_valid.device)
-    return masked(zero, pair_valid(query_valid, key_valid))
 
 
 class EncoderLayer(nn.Module):
@@ -344,6 +323,10 @@ class UnifiedIO(nn.Module):
     def output_rows(self, is_image: bool) -> slice:
         """The embedding rows a decoding step scores: image ids or text ids."""
         return slice(self.cfg.vocab_size, None) if is_image else slice(0, self.cfg.vocab_size)
+
+    def step_logits(self, hidden: Tensor, is_image: bool) -> Tensor:
+        """A decoding step's float32 logits over the part of the vocabulary it may emit (see :meth:`output_rows`)."""
+        return ops.logits(hidden, self.token_embedder.weight, self.output_rows(is_image))
 
     def encode(self, tokens: Tensor, images: Tensor, text_mask: Tensor | None = None,
                image_mask: Tensor | None = None, skip_padding: bool = False) -> EncoderOutput:
