@@ -203,6 +203,20 @@ def test_a_form_is_made_again_when_a_source_is_updated_in_place_or_replaced():
     assert forms.get("copy", [holder.weight], lambda: holder.weight.clone(), create=False) is replaced
 
 
+def test_a_form_is_made_again_when_a_source_gets_new_storage_at_the_old_address():
+    """A conversion gives a parameter new storage, which may lie where the freed old one was, with
+    its version kept: two storages over one buffer stand for that."""
+    forms = DerivedForms()
+    memory = bytearray(16)
+    holder = torch.nn.Linear(2, 2, bias=False).requires_grad_(False)
+    holder.weight.data = torch.frombuffer(memory, dtype=torch.float32).view(2, 2)
+    first = forms.get("copy", [holder.weight], lambda: holder.weight.clone())
+    memory[:] = torch.ones(4).numpy().tobytes()  # new values, written around torch: no version moves
+    holder.weight.data = torch.frombuffer(memory, dtype=torch.float32).view(2, 2)  # new storage, same address
+    again = forms.get("copy", [holder.weight], lambda: holder.weight.clone())
+    assert again is not first and torch.equal(again, torch.ones(2, 2))
+
+
 def test_a_form_is_dropped_when_a_source_is_freed():
     forms = DerivedForms()
     kept, freed = torch.ones(2), torch.ones(2)

@@ -3,7 +3,8 @@
 Packed copies, fused views, prepacked convolution weights, step traces and the encoder's position
 biases all live in :data:`FORMS`, under one rule: a form is made on first use (or ahead, at load)
 from its source tensors and a key, and made again when a source is replaced or updated in place
-(its address or version changes, see :func:`tensor_state`); it is dropped when a source is freed.
+(its address, version or storage changes, see :func:`tensor_state`); it is dropped when a source
+is freed.
 The model's weights therefore stay plain parameters: converting, copying, pickling or loading
 into a model needs nothing from this layer, which catches up at the next call.
 """
@@ -36,7 +37,8 @@ class DerivedForms:
     (the least recently used go first)."""
 
     def __init__(self):
-        self._forms: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
+        # name -> (the sources' states, the form, weak references to the sources' storages)
+        self._forms: OrderedDict[tuple, tuple[tuple, object, list]] = OrderedDict()
         self._limits: dict[str, tuple[int | None, int | None]] = {}
         self._watched: set[tuple] = set()  # names whose sources drop them when freed
         # Calls may run from several threads at once; freeing a form can free a source, whose
@@ -50,7 +52,7 @@ class DerivedForms:
         name = (kind, *map(id, sources), key)
         state = tuple(map(tensor_state, sources))
         kept = self._forms.get(name)  # dict reads need no lock
-        if kept is not None and kept[0] == state:
+        if kept is not None and kept[0] == state and _same_storages(kept[2], sources):
             if kind in self._limits:  # least recently used first
                 with self._lock:
                     if name in self._forms:
@@ -66,7 +68,7 @@ class DerivedForms:
                 self._watched.add(name)
                 for source in sources:  # its forms go with it (and no later tensor reuses its id while kept)
                     weakref.finalize(source, self._drop, name)
-            self._forms[name] = (state, form)
+            self._forms[name] = (state, form, [weakref.ref(source.untyped_storage()) for source in sources])
             self._enforce_limit(kind)
         return form
 
@@ -77,7 +79,7 @@ class DerivedForms:
     def forms(self, kind: str) -> list:
         """The forms of ``kind`` kept now, least recently used first."""
         with self._lock:
-            return [form for (k, *_), (_, form) in list(self._forms.items()) if k == kind]
+            return [form for (k, *_), (_, form, _) in list(self._forms.items()) if k == kind]
 
     def discard(self, kind: str, sources: Sequence[Tensor], key: Hashable = ()) -> None:
         """Forget the form :meth:`get` keeps under these names, if any."""
@@ -106,6 +108,12 @@ class DerivedForms:
             oldest = names.pop(0)
             total -= sizes[oldest]
             self._forms.pop(oldest, None)
+
+
+def _same_storages(storages: list[weakref.ref], sources: Sequence[Tensor]) -> bool:
+    """Whether each source still has the storage it had: a conversion (``.to()``) gives a parameter
+    new storage, which may lie where the freed old one was (same address) with the version kept."""
+    return all(kept() is source.untyped_storage() for kept, source in zip(storages, sources))
 
 
 FORMS = DerivedForms()
