@@ -247,9 +247,9 @@ def load_in_fresh_process(size: str, path: Path) -> tuple[float, float, float]:
     """(seconds, peak RSS GiB, GiB of packed weight copies) of ``build_model`` in a new
     interpreter, so no earlier load or import warms it up (the file itself is in the page cache,
     having just been written)."""
-    code = (f"import time, bench; from uio.runner import build_model; t = time.perf_counter(); "
+    code = (f"import time, bench; from uio.runner import build_model; from uio.accel.transformer_ops import packed_copies; t = time.perf_counter(); "
             f"m = build_model({size!r}, {str(path)!r}); print(time.perf_counter() - t, bench.peak_rss_gib(), "
-            f"sum(w.numel() * w.element_size() for w in m.packed_weights()) / 2 ** 30)")
+            f"sum(w.numel() * w.element_size() for w in packed_copies(m)) / 2 ** 30)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent).stdout.split()
     return float(out[0]), float(out[1]), float(out[2])

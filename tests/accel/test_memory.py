@@ -61,9 +61,9 @@ def test_tensors_are_carved_one_after_another_from_a_huge_page_aligned_map():
 @needs_huge_pages
 def test_a_tensor_that_does_not_fit_gets_a_new_map_and_the_roomier_one_is_carved_next():
     maps = memory.HugePageMaps()
-    first = maps.empty((memory.MAP_BYTES - 4 * MiB,), torch.uint8)  # 4 MiB left
-    larger = maps.empty((memory.MAP_BYTES + MiB,), torch.uint8)  # its map has 1 MiB left
-    assert maps.empty((MiB,), torch.uint8).data_ptr() == first.data_ptr() + memory.MAP_BYTES - 4 * MiB
+    first = maps.empty((memory.HUGE_PAGE_MAP_BYTES - 4 * MiB,), torch.uint8)  # 4 MiB left
+    larger = maps.empty((memory.HUGE_PAGE_MAP_BYTES + MiB,), torch.uint8)  # its map has 1 MiB left
+    assert maps.empty((MiB,), torch.uint8).data_ptr() == first.data_ptr() + memory.HUGE_PAGE_MAP_BYTES - 4 * MiB
     assert larger.data_ptr() % memory.HUGE_PAGE == 0 and is_huge_page_memory(larger[-1:])
     wider = maps.empty((8 * MiB,), torch.uint8)  # does not fit: its new map has 56 MiB left
     assert maps.empty((MiB,), torch.uint8).data_ptr() == wider.data_ptr() + 8 * MiB
@@ -94,7 +94,7 @@ def test_small_tensors_and_systems_without_huge_pages_get_ordinary_memory(monkey
 def test_loaded_weights_lie_in_huge_page_memory(tiny_model):
     if not memory.huge_pages_available():
         pytest.skip("this system offers no transparent huge pages")
-    weights = [w for w in tiny_model.parameters() if w.numel() * w.element_size() >= memory.SHARED_FROM]
+    weights = [w for w in tiny_model.parameters() if w.numel() * w.element_size() >= memory.HUGE_PAGE_SHARED_FROM]
     assert len(weights) > 10 and tiny_model.token_embedder.weight in weights
     assert all(is_huge_page_memory(w) for w in weights)
 

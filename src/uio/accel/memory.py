@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .policy import HUGE_PAGE_MAP_BYTES, HUGE_PAGE_SHARED_FROM
+
 HUGE_PAGE = 2 << 20
-SHARED_FROM = 64 << 10  # smaller tensors (norm weights, biases) get ordinary memory
-MAP_BYTES = 64 << 20  # the least a new map holds: room for the tensors carved after the one it is made for
 ALIGNMENT = 64  # each tensor starts on a cache line
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -48,7 +48,7 @@ class HugePageMaps:
 
     Each tensor keeps its map alive (through ``torch.frombuffer``); a map is unmapped with the last
     tensor carved from it, as this object holds only a weak reference to the one it carves from.
-    A tensor that does not fit there gets a new map of at least :data:`MAP_BYTES`, and whichever of
+    A tensor that does not fit there gets a new map of at least :data:`HUGE_PAGE_MAP_BYTES`, and whichever of
     the two maps has more room left is carved from next: its untouched pages cost no memory.
     """
 
@@ -67,7 +67,7 @@ class HugePageMaps:
     def _carve(self, nbytes: int) -> tuple[mmap.mmap, int]:
         region, free, end = (self._open[0](), *self._open[1:]) if self._open else (None, 0, 0)
         if region is None or free + nbytes > end:
-            new, start, new_end = _huge_page_map(max(nbytes, MAP_BYTES))
+            new, start, new_end = _huge_page_map(max(nbytes, HUGE_PAGE_MAP_BYTES))
             if region is None or new_end - start - nbytes > end - free:
                 self._open = (weakref.ref(new), _aligned(start + nbytes), new_end)
             return new, start
@@ -93,9 +93,9 @@ _maps = HugePageMaps()
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
-    """An uninitialised contiguous tensor; on the CPU, one of :data:`SHARED_FROM` bytes or more lies
+    """An uninitialised contiguous tensor; on the CPU, one of :data:`HUGE_PAGE_SHARED_FROM` bytes or more lies
     in huge pages where :func:`huge_pages_available` (see :class:`HugePageMaps`)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes < SHARED_FROM or not huge_pages_available():
+    if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE_SHARED_FROM or not huge_pages_available():
         return torch.empty(shape, dtype=dtype, device=device)
     return _maps.empty(shape, dtype)

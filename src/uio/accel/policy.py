@@ -33,8 +33,8 @@ MAX_IDLE_GRAPHED_CACHES = 4  # decoder caches kept with their CUDA graphs for la
 MAX_IDLE_GRAPHED_BYTES = 2 << 30  # bytes of those caches together
 
 # Weight memory (uio.accel.memory)
-HUGE_PAGE_SHARED_FROM = 64 << 10  # bytes from which a tensor is carved from shared huge-page maps
-HUGE_PAGE_MAP_BYTES = 64 << 20  # the least bytes a new huge-page map holds
+HUGE_PAGE_SHARED_FROM = 64 << 10  # bytes from which a tensor is carved from shared huge-page maps (smaller: ordinary memory)
+HUGE_PAGE_MAP_BYTES = 64 << 20  # the least bytes a new huge-page map holds (room for the tensors carved after)
 
 
 @dataclass

@@ -73,6 +73,9 @@ class AcceleratedDecoding(Decoding):
         tracing = on_cpu and self.settings.step_traces and StepTraces.available and self.compiled is None and frozen
         self.traces = FORMS.get("step traces", weights, StepTraces) if tracing else None
         dtype = attention_dtype(model, enc.hidden, enc.hidden.shape[0] * rows_per_example)
+        # Looked up once per generation, not at each eager step (the weights stay as they are meanwhile).
+        self.kernel_weights = ({layer: transformer_ops.kernel_weights(layer) for layer in model.decoder.layers}
+                               if on_cpu and cpu_kernels.in_use(weight.dtype) else {})
         self.pool = None
         if self.settings.cuda_graphs:  # on a GPU only: configure and conversions (converted) see to it
             self.pool = FORMS.get("graphed caches", weights, GraphedCaches)
@@ -81,6 +84,13 @@ class AcceleratedDecoding(Decoding):
             self.cache = DecoderCache(model, enc, text_length, image_length, rows_per_example, dtype)
 
     def step(self, tokens: Tensor, step: int, valid: Tensor) -> Tensor:
+        transformer_ops.current_generation.kernel_weights = self.kernel_weights
+        try:
+            return self._step(tokens, step, valid)
+        finally:
+            transformer_ops.current_generation.kernel_weights = None
+
+    def _step(self, tokens: Tensor, step: int, valid: Tensor) -> Tensor:
         cache, is_image = self.cache, step >= self.cache.text_length
         inputs = cache.step_inputs(step, tokens, valid)
         steps_left = (cache.length if is_image else cache.text_length) - step  # of this kind, this one included

@@ -7,6 +7,7 @@ the fused projection matrices :func:`uio.accel.layout.lay_out` made, and torch's
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from .policy import (EMULATED_BF16_MAX_ROWS, FEW_QUERY_ROWS, KEPT_RELATIVE_BUCKE
 FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
 FORMS.limit("encoder position bias", nbytes=POSITION_BIAS_CACHE_BYTES)
 FORMS.limit("relative buckets", count=KEPT_RELATIVE_BUCKETS)
+# What the generation this thread decodes found once for all its steps: ``kernel_weights``, each
+# decoder layer's kernel_weights (set by uio.accel.steps.AcceleratedDecoding around each step).
+current_generation = threading.local()
 
 
 def fused(weights: list[Tensor]) -> Tensor | None:
@@ -133,7 +137,8 @@ def decoder_layer_step(layer: nn.Module, x: Tensor, cache: tuple[Tensor, Tensor,
     """The layer's step by uio's CPU kernel, in one call, where it serves it."""
     if not cpu_kernels.in_use(x.dtype) or x.device.type != "cpu":
         return None
-    weights = kernel_weights(layer)
+    found = getattr(current_generation, "kernel_weights", None)
+    weights = found[layer] if found is not None and layer in found else kernel_weights(layer)
     if weights is None or not cpu_kernels.serves_decoder_layer(x, weights, [*cache[:2], *cross_kv]):
         return None
     return cpu_kernels.decoder_layer_step(x, weights, cache, self_bias, cross_kv, cross_bias,
