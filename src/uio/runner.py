@@ -82,24 +82,25 @@ def build_model(size: str | os.PathLike, param_file: str | os.PathLike, device: 
     ``compiled``); otherwise it runs on the plain torch reference path.
     """
     device = resolve_device(device)
-    if compiled and not accel.switched_on():
+    accelerated = accel.switched_on()
+    if compiled and not accelerated:
         raise ValueError("compiled=True needs uio.accel, which UIO_ACCEL=0 or uio.accel.disable() switched off")
     config, vae_config = load_config(size)
     with torch.device("meta"):
         model = UnifiedIO(config, vae_config)
-    placement = accel.prepare(model, device, dtype) if accel.switched_on() else None
+    placement = accel.prepare(model, device, dtype) if accelerated else None
     load_into(model, load_checkpoint_file(param_file), str(param_file), dtype=dtype, device=device,
               placement=placement)
     native_bf16 = computes_natively(torch.bfloat16, device)
     if dtype == torch.bfloat16 and not native_bf16:
         speed = (f"decoding steps of up to {cpu_kernels.MAX_ROWS} rows run uio's CPU kernel (half the bytes of fp32)"
-                 if accel.enabled() and cpu_kernels.in_use(dtype)
+                 if accelerated and cpu_kernels.in_use(dtype)
                  else "decoding one example at a time is faster than in fp32, batches slower")
         log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): bf16 halves the weights' memory and %s; "
                     "the VQGAN stays in fp32", speed)
     model.discrete_vae.to(torch.bfloat16 if dtype == torch.bfloat16 and native_bf16 else torch.float32)
     model.eval().requires_grad_(False)
-    if accel.enabled():
+    if accelerated:
         accel.configure(model, prepack, compiled)
     return model
 

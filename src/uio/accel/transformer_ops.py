@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +16,8 @@ from torch import Tensor, nn
 
 from . import cpu_kernels, layout, packing
 from .derived import FORMS
-from .policy import settings
 from .policy import (EMULATED_BF16_MAX_ROWS, FEW_QUERY_ROWS, KEPT_RELATIVE_BUCKETS, MLP_PIECE_BYTES,
-                     PACKED_MAX_ROWS, POSITION_BIAS_CACHE_BYTES, SMALL_NORM_ELEMENTS)
+                     PACKED_MAX_ROWS, POSITION_BIAS_CACHE_BYTES, SMALL_NORM_ELEMENTS, settings)
 
 # Whether F.rms_norm is one kernel on GPUs (torch 2.11 yes, 2.7 no: there, several in the input's dtype).
 FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
@@ -35,13 +35,15 @@ def fused(weights: list[Tensor]) -> Tensor | None:
     return FORMS.get("fused", weights, lambda: layout.adjacent_rows(weights))
 
 
-def packed_copy(sources: list[Tensor], matrix: Tensor, key: tuple = (), create: bool = False) -> Tensor | None:
-    """The packed copy of ``matrix`` (made from ``sources``, its rows ``key``), where one was made
-    (:func:`pack_step_weights`); made again when the sources changed, None where it cannot be."""
-    def pack() -> Tensor | None:
-        return packing.pack_weight(matrix) if packing.wants_packed_copies(True, matrix.dtype, matrix.device) else None
+def packed_copy(sources: list[Tensor], matrix: Tensor, key: tuple = (), create: bool = False,
+                pack: Callable[[Tensor], Tensor] = packing.pack_weight) -> Tensor | None:
+    """The packed copy of ``matrix`` (made from ``sources``, its rows ``key``, by ``pack``), where one
+    was made (:func:`pack_step_weights`) or ``create``; made again when the sources changed, None
+    where it cannot be."""
+    def make() -> Tensor | None:
+        return pack(matrix) if packing.wants_packed_copies(True, matrix.dtype, matrix.device) else None
 
-    return FORMS.get("packed", sources, pack, key, create)
+    return FORMS.get("packed", sources, make, key, create)
 
 
 def matmul(x: Tensor, weight: Tensor, sources: list[Tensor] | None = None, key: tuple = ()) -> Tensor:
@@ -183,6 +185,15 @@ def step_weight_groups(model: nn.Module) -> list[tuple[list[Tensor], tuple]]:
     return groups
 
 
+def _step_matrices(model: nn.Module) -> Iterator[tuple[list[Tensor], Tensor, tuple]]:
+    """(weights, the matrix multiplied, rows key) of every product of a decoding step whose weights
+    are fused as laid out (weights assigned since run their products unpacked)."""
+    for weights, key in step_weight_groups(model):
+        matrix = fused(weights)
+        if matrix is not None:
+            yield weights, matrix[slice(*key)] if key else matrix, key
+
+
 def pack_step_weights(model: nn.Module) -> list[Tensor]:
     """Packed copies of every weight a decoding step multiplies by (made where missing or stale, in
     one reused buffer), in a fixed order; none where packing does not serve the model."""
@@ -190,25 +201,13 @@ def pack_step_weights(model: nn.Module) -> list[Tensor]:
     if not packing.packed_matmul_supported(weight.dtype) or weight.device.type != "cpu":
         return []
     packer = packing.WeightPacker()
-    copies = []
-    for weights, key in step_weight_groups(model):
-        matrix = fused(weights)
-        if matrix is None:  # not fused (weights assigned since): their products run unpacked
-            continue
-        matrix = matrix if not key else matrix[slice(*key)]
-        copies.append(FORMS.get("packed", weights, lambda: packer(matrix), key))
-    return copies
+    return [packed_copy(weights, matrix, key, create=True, pack=packer) for weights, matrix, key in _step_matrices(model)]
 
 
 def packed_copies(model: nn.Module) -> list[Tensor]:
     """The packed copies of ``model``'s step weights kept now (made again where stale), in a fixed order."""
-    copies = []
-    for weights, key in step_weight_groups(model):
-        matrix = fused(weights)
-        copy = None if matrix is None else packed_copy(weights, matrix if not key else matrix[slice(*key)], key)
-        if copy is not None:
-            copies.append(copy)
-    return copies
+    copies = (packed_copy(weights, matrix, key) for weights, matrix, key in _step_matrices(model))
+    return [copy for copy in copies if copy is not None]
 
 
 def drop_packed(model: nn.Module) -> None:
@@ -229,4 +228,4 @@ def converted(model: nn.Module) -> None:
 
 FAST_OPS = {"linear": linear, "project": project, "mlp": mlp, "rms_norm": rms_norm, "attention": attention,
             "decoder_layer_step": decoder_layer_step, "logits": logits,
-            "negative_log_likelihood": negative_log_likelihood, "derived": derived, "converted": converted}
+            "negative_log_likelihood": negative_log_likelihood, "derived": derived}
